@@ -1,0 +1,101 @@
+"""Service configuration: the only place environment variables are read (pydantic-settings, prefix ``DDPM_``).
+
+Every field is settable as ``DDPM_<FIELD>`` (e.g. ``DDPM_REDIS_URL``); the CLI flags of ``ddpm serve``,
+``ddpm worker`` and ``ddpm up`` override them. Use ``get_settings()`` (cached), never module-level reads.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DEMO_CHECKPOINT", "Settings", "get_settings", "parse_checkpoints"]
+
+# The bundled demo model (trained by `ddpm train --preset digits`, see README), served by default.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "digits.safetensors"
+
+
+def parse_checkpoints(value: str | list[str] | dict[str, str]) -> dict[str, str]:
+    """``"name=path,name2=path2"`` (or a list of ``name=path``) -> ordered dict; the first is the default."""
+    if isinstance(value, dict):
+        return dict(value)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"checkpoint {item!r} must look like NAME=FILE")
+        name = name.strip()
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"checkpoint name {name!r} may hold only letters, digits, '-', '_' and '.'")
+        if name in out:
+            raise ValueError(f"checkpoint name {name!r} given twice")
+        out[name] = path.strip()
+    return out
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+
+    # Where things are
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    checkpoints: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"digits": str(DEMO_CHECKPOINT)},
+        description="NAME=FILE[,NAME=FILE...]; the first is the default model",
+    )
+    queue_name: str = "ddpm"
+
+    # API process
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                     description="comma-separated; empty = no auth")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Worker process
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_metrics_port: int = Field(9100, ge=0, le=65535, description="0 disables the worker's metrics server")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="images per U-Net forward pass in the worker")
+
+    # Limits on requests
+    max_num_images: int = Field(16, ge=1, le=1024)
+    max_steps: int = Field(1000, ge=1)
+    max_image_steps: int = Field(16 * 1000, ge=1, description="num_images x steps per job")
+    max_queue_length: int = Field(100, ge=1)
+    max_body_bytes: int = Field(16 * 1024, ge=256)
+
+    # Lifetimes (seconds)
+    job_ttl_seconds: int = Field(24 * 3600, ge=60, description="how long job records, frames and images live")
+    job_timeout_seconds: int = Field(3600, ge=10, description="longest a job may run")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _checkpoints(cls, v: object) -> dict[str, str]:
+        parsed = parse_checkpoints(v)  # type: ignore[arg-type]
+        if not parsed:
+            raise ValueError("at least one checkpoint NAME=FILE is needed")
+        return parsed
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, v: object) -> list[str]:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return list(v)  # type: ignore[call-overload]
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.checkpoints))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

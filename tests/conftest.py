@@ -1,0 +1,24 @@
+"""Shared fixtures: small deterministic models on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import DiffusionConfig, UNetConfig
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_unet_config() -> UNetConfig:
+    return UNetConfig(image_size=8, in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                      attn_resolutions=(4,), dropout=0.0, num_groups=4)
+
+
+@pytest.fixture
+def short_diffusion_config() -> DiffusionConfig:
+    return DiffusionConfig(num_timesteps=50)
