@@ -27,19 +27,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None, *, load_all: bool = False) -> argparse.ArgumentParser:
+    """The full parser. Only the subcommand named in ``argv`` gets its flags, unless ``load_all``."""
     parser = argparse.ArgumentParser(prog="ddpm", description="DDPM training, sampling and serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    wanted = None
-    if argv:
-        wanted = next((a for a in argv if a in COMMANDS), None)
+    wanted = next((a for a in argv or () if a in COMMANDS), None)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        # Only the chosen subcommand's module is imported (its flags are needed to parse).
-        if wanted is None or wanted == name:
-            if wanted is not None:
-                importlib.import_module(module).configure_parser(p)
+        if load_all or name == wanted:
+            importlib.import_module(module).configure_parser(p)
         p.set_defaults(_module=module)
     return parser
 
