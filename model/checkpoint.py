@@ -174,7 +174,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     diffusion_config = DiffusionConfig.from_dict(meta["diffusion_config"])
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as exc:
         raise CheckpointError(p, f"could not read the weights (truncated or corrupt?): {exc}") from None
     unet = UNet(unet_config)
