@@ -11,6 +11,7 @@ maps diffusers' names onto these. This module knows nothing of diffusion schedul
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -224,7 +225,7 @@ class UNet(nn.Module):
         temb = None if use_table else self.temb(timestep_embedding(t, self.config.ch).to(x.dtype))
 
         hs = [self.conv_in(x)]
-        for level in self.down:
+        for level in cast(list[Level], self.down):
             for j, block in enumerate(level.blocks):
                 h = block(hs[-1], temb, t)
                 if len(level.attns):
@@ -235,7 +236,7 @@ class UNet(nn.Module):
 
         h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb, t)), temb, t)
 
-        for level in reversed(self.up):
+        for level in reversed(cast(list[Level], self.up)):
             for j, block in enumerate(level.blocks):
                 h = block(torch.cat([h, hs.pop()], dim=1), temb, t)
                 if len(level.attns):
