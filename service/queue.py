@@ -1,0 +1,351 @@
+"""Jobs in Redis: the only module that knows RQ and the Redis key names.
+
+A *job* is one generation request. Its queue mechanics are an RQ job (same id) on the queue
+``settings.queue_name``, run by ``service.worker.run_job(job_id)``; its user-facing state lives in our own keys,
+all expiring after the job TTL:
+
+=====================================  =================================================================
+``ddpm:job:{id}``                      hash: status, model, request (JSON), num_images, total, step, t,
+                                       num_frames, seeds (JSON), error (JSON), created_at/started_at/ended_at
+                                       (epoch seconds), worker, attempt
+``ddpm:job:{id}:frames``               list of JSON ``{"index", "step", "t"}``, one per x0-hat frame
+``ddpm:job:{id}:frame:{n}``            PNG bytes of frame n (a grid when the job has several images)
+``ddpm:job:{id}:image:{i}``            PNG bytes of final image i
+``ddpm:job:{id}:events``               stream of ``{"event", "data"}``: queued, progress, frame, and one terminal
+                                       event (succeeded|failed|canceled); entry ids are the SSE event ids
+``ddpm:job:{id}:cancel``               present when a cancel was asked for
+``ddpm:workers``                       sorted set: worker name -> last heartbeat (epoch seconds)
+``ddpm:worker:{name}``                 JSON about a live worker (models, device), expiring with its heartbeat
+=====================================  =================================================================
+
+Final images and the ``succeeded`` status are written in one MULTI/EXEC transaction, so a crash while writing
+never leaves a job that says ``succeeded`` without its images. Redis errors surface as ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import redis
+from redis import Redis
+
+__all__ = [
+    "TERMINAL_STATES",
+    "JobState",
+    "JobStore",
+    "QueueFull",
+    "StoreUnavailable",
+    "connect",
+    "is_valid_job_id",
+    "new_job_id",
+]
+
+RUN_JOB_FUNCTION = "service.worker.run_job"
+_JOB_ID_LEN = 32  # 128 random bits, hex: unguessable
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+
+
+class StoreUnavailable(Exception):
+    """Redis could not be reached (or timed out)."""
+
+
+class QueueFull(Exception):
+    """Too many jobs waiting; ``retry_after`` is a suggested wait in seconds."""
+
+    def __init__(self, length: int, retry_after: int):
+        self.length, self.retry_after = length, retry_after
+        super().__init__(f"the queue holds {length} jobs; retry in {retry_after} s")
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(_JOB_ID_LEN // 2)
+
+
+def is_valid_job_id(job_id: str) -> bool:
+    """Only ids we could have made: 32 lowercase hex characters. Anything else never reaches Redis."""
+    return len(job_id) == _JOB_ID_LEN and all(c in "0123456789abcdef" for c in job_id)
+
+
+def connect(url: str, *, timeout: float = 1.0) -> Redis:
+    """A Redis client that fails fast (``timeout`` seconds to connect and per command) and returns bytes."""
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                health_check_interval=10, retry_on_timeout=False)
+
+
+@contextmanager
+def _translate_errors() -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
+
+
+def _k(job_id: str, *parts: str | int) -> str:
+    return ":".join(["ddpm", "job", job_id, *map(str, parts)])
+
+
+def _s(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+@dataclass
+class Event:
+    id: str
+    event: str
+    data: dict[str, Any]
+
+
+class JobStore:
+    """Reads and writes jobs. API side: ``submit``, ``get``, ``frames``, ``events``, ``cancel``...; worker side:
+    ``start``, ``progress``, ``add_frame``, ``succeed``, ``fail``, ``mark_canceled``, ``heartbeat``."""
+
+    def __init__(self, client: Redis, *, queue_name: str = "ddpm", ttl_seconds: int = 86400,
+                 job_timeout_seconds: int = 3600, stream_maxlen: int = 2000):
+        self.redis: Any = client  # redis-py's stubs type replies too loosely to help here
+        self.queue_name = queue_name
+        self.ttl = ttl_seconds
+        self.job_timeout = job_timeout_seconds
+        self.stream_maxlen = stream_maxlen
+
+    # ---- RQ -----------------------------------------------------------------------------------------------
+    def rq_queue(self) -> Any:
+        from rq import Queue
+
+        return Queue(self.queue_name, connection=self.redis)
+
+    def ping(self) -> None:
+        with _translate_errors():
+            self.redis.ping()
+
+    def queue_length(self) -> int:
+        with _translate_errors():
+            return int(self.rq_queue().count)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """0-based position among queued jobs, or None when not queued."""
+        with _translate_errors():
+            pos = self.rq_queue().get_job_position(job_id)
+        return None if pos is None else int(pos)
+
+    # ---- API side ------------------------------------------------------------------------------------------
+    def submit(self, request: dict[str, Any], model: str, *, num_images: int, total_steps: int,
+               seeds: Sequence[int], max_queue_length: int, retry_after: int = 5) -> str:
+        """Create the job record, its ``queued`` event and the RQ job. Raises ``QueueFull``."""
+        with _translate_errors():
+            length = self.queue_length()
+            if length >= max_queue_length:
+                raise QueueFull(length, retry_after)
+            job_id = new_job_id()
+            now = time.time()
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(_k(job_id), mapping={
+                "status": JobState.QUEUED.value, "model": model, "request": json.dumps(request),
+                "num_images": num_images, "total": total_steps, "step": 0, "t": -1, "num_frames": 0,
+                "seeds": json.dumps(list(seeds)), "created_at": now, "attempt": 0,
+            })
+            pipe.expire(_k(job_id), self.ttl)
+            self._add_event(pipe, job_id, "queued", {"status": "queued"})
+            pipe.execute()
+            self.rq_queue().enqueue(
+                RUN_JOB_FUNCTION, job_id, job_id=job_id, job_timeout=self.job_timeout,
+                result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"generate {model}",
+            )
+            return job_id
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job record, parsed; None if unknown or expired."""
+        with _translate_errors():
+            raw = self.redis.hgetall(_k(job_id))
+        if not raw:
+            return None
+        rec = {_s(k): _s(v) for k, v in raw.items()}
+        out: dict[str, Any] = {"id": job_id, "status": rec.get("status"), "model": rec.get("model"),
+                               "worker": rec.get("worker")}
+        for name in ("request", "seeds", "error"):
+            out[name] = json.loads(rec[name]) if rec.get(name) else None  # type: ignore[arg-type]
+        for name in ("num_images", "total", "step", "t", "num_frames", "attempt"):
+            out[name] = int(rec.get(name) or 0)  # type: ignore[arg-type]
+        for name in ("created_at", "started_at", "ended_at"):
+            out[name] = float(rec[name]) if rec.get(name) else None  # type: ignore[arg-type]
+        return out
+
+    def frames(self, job_id: str, since: int = -1) -> list[dict[str, Any]]:
+        """Frame descriptors with ``index > since``, in order."""
+        with _translate_errors():
+            raw = self.redis.lrange(_k(job_id, "frames"), max(since + 1, 0), -1)
+        return [json.loads(r) for r in raw]
+
+    def frame_png(self, job_id: str, index: int) -> bytes | None:
+        with _translate_errors():
+            return self.redis.get(_k(job_id, "frame", index))  # type: ignore[return-value]
+
+    def image_png(self, job_id: str, index: int) -> bytes | None:
+        with _translate_errors():
+            return self.redis.get(_k(job_id, "image", index))  # type: ignore[return-value]
+
+    def events(self, job_id: str, last_id: str = "0", block_ms: int | None = None, count: int = 100
+               ) -> list[Event]:
+        """Events after ``last_id`` (``"0"`` = from the start); waits up to ``block_ms`` when there are none."""
+        with _translate_errors():
+            res = self.redis.xread({_k(job_id, "events"): last_id}, count=count, block=block_ms)
+        out: list[Event] = []
+        for _stream, entries in res or []:
+            for entry_id, fields in entries:
+                f = {_s(k): _s(v) for k, v in fields.items()}
+                out.append(Event(_s(entry_id) or "", f.get("event") or "", json.loads(f.get("data") or "{}")))
+        return out
+
+    def cancel(self, job_id: str) -> JobState | None:
+        """Ask for cancellation. A queued job is canceled at once (it never starts); a running one stops at its
+        worker's next step check. Returns the state after the call (None if the job is unknown)."""
+        with _translate_errors():
+            status = _s(self.redis.hget(_k(job_id), "status"))
+            if status is None:
+                return None
+            state = JobState(status)
+            if state in TERMINAL_STATES:
+                return state
+            self.redis.set(_k(job_id, "cancel"), 1, ex=self.ttl)
+            if state is JobState.QUEUED:
+                self.rq_queue().remove(job_id)
+                if self._transition(job_id, JobState.QUEUED, JobState.CANCELED, {"ended_at": time.time()},
+                                    "canceled", {"status": "canceled"}):
+                    return JobState.CANCELED
+                return JobState(_s(self.redis.hget(_k(job_id), "status")) or "canceled")
+            return state
+
+    def live_workers(self, max_age_seconds: float = 15.0) -> list[dict[str, Any]]:
+        """Workers whose heartbeat is younger than ``max_age_seconds``, with their info."""
+        with _translate_errors():
+            names = self.redis.zrangebyscore("ddpm:workers", time.time() - max_age_seconds, "+inf")
+            infos = [self.redis.get(f"ddpm:worker:{_s(n)}") for n in names]
+        return [json.loads(i) for i in infos if i]
+
+    # ---- worker side ---------------------------------------------------------------------------------------
+    def start(self, job_id: str, worker: str) -> dict[str, Any] | None:
+        """Mark a queued (or retried) job running. Returns its record, or None if it was canceled/finished."""
+        with _translate_errors():
+            if self.redis.exists(_k(job_id, "cancel")):
+                self._transition(job_id, JobState.QUEUED, JobState.CANCELED, {"ended_at": time.time()},
+                                 "canceled", {"status": "canceled"})
+                return None
+            status = _s(self.redis.hget(_k(job_id), "status"))
+            if status is None or JobState(status) in TERMINAL_STATES:
+                return None
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(_k(job_id), mapping={"status": JobState.RUNNING.value, "started_at": time.time(),
+                                           "worker": worker, "step": 0, "num_frames": 0})
+            pipe.hincrby(_k(job_id), "attempt", 1)
+            pipe.delete(_k(job_id, "frames"))
+            self._add_event(pipe, job_id, "running", {"status": "running", "worker": worker})
+            pipe.execute()
+        return self.get(job_id)
+
+    def progress(self, job_id: str, step: int, total: int, t: int) -> None:
+        with _translate_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(_k(job_id), mapping={"step": step, "total": total, "t": t})
+            self._add_event(pipe, job_id, "progress", {"step": step, "total": total, "t": t})
+            pipe.execute()
+
+    def add_frame(self, job_id: str, step: int, t: int, png: bytes) -> int:
+        """Store an x0-hat frame; returns its index."""
+        with _translate_errors():
+            index = int(self.redis.hincrby(_k(job_id), "num_frames", 1)) - 1
+            meta = {"index": index, "step": step, "t": t}
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(_k(job_id, "frame", index), png, ex=self.ttl)
+            pipe.rpush(_k(job_id, "frames"), json.dumps(meta))
+            pipe.expire(_k(job_id, "frames"), self.ttl)
+            self._add_event(pipe, job_id, "frame", meta)
+            pipe.execute()
+        return index
+
+    def succeed(self, job_id: str, images: Sequence[bytes]) -> bool:
+        """Store the final images and the ``succeeded`` state in one transaction (only from ``running``)."""
+        extra = {"ended_at": time.time()}
+        with _translate_errors():
+            return self._transition(job_id, JobState.RUNNING, JobState.SUCCEEDED, extra, "succeeded",
+                                    {"status": "succeeded", "num_images": len(images)}, images=images)
+
+    def fail(self, job_id: str, code: str, message: str) -> bool:
+        err = {"code": code, "message": message}
+        with _translate_errors():
+            for src in (JobState.RUNNING, JobState.QUEUED):
+                if self._transition(job_id, src, JobState.FAILED,
+                                     {"ended_at": time.time(), "error": json.dumps(err)},
+                                     "failed", {"status": "failed", "error": err}):
+                    return True
+        return False
+
+    def mark_canceled(self, job_id: str) -> bool:
+        with _translate_errors():
+            return self._transition(job_id, JobState.RUNNING, JobState.CANCELED, {"ended_at": time.time()},
+                                    "canceled", {"status": "canceled"})
+
+    def requeued(self, job_id: str, reason: str) -> bool:
+        """A running job handed back (worker stopping or died): back to ``queued`` for a retry."""
+        with _translate_errors():
+            return self._transition(job_id, JobState.RUNNING, JobState.QUEUED, {"step": 0},
+                                    "queued", {"status": "queued", "reason": reason})
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with _translate_errors():
+            return bool(self.redis.exists(_k(job_id, "cancel")))
+
+    def heartbeat(self, worker: str, info: dict[str, Any], ttl_seconds: int = 15) -> None:
+        with _translate_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(f"ddpm:worker:{worker}", json.dumps(info), ex=ttl_seconds)
+            pipe.zadd("ddpm:workers", {worker: time.time()})
+            pipe.zremrangebyscore("ddpm:workers", "-inf", time.time() - 3600)
+            pipe.execute()
+
+    def worker_gone(self, worker: str) -> None:
+        with _translate_errors():
+            self.redis.delete(f"ddpm:worker:{worker}")
+            self.redis.zrem("ddpm:workers", worker)
+
+    # ---- internals -----------------------------------------------------------------------------------------
+    def _add_event(self, pipe: Any, job_id: str, event: str, data: dict[str, Any]) -> None:
+        pipe.xadd(_k(job_id, "events"), {"event": event, "data": json.dumps(data)},
+                  maxlen=self.stream_maxlen, approximate=True)
+        pipe.expire(_k(job_id, "events"), self.ttl)
+
+    def _transition(self, job_id: str, src: JobState, dst: JobState, fields: dict[str, Any], event: str,
+                    data: dict[str, Any], images: Sequence[bytes] = ()) -> bool:
+        """Atomically move a job from ``src`` to ``dst`` (WATCH/MULTI): False if it was not in ``src``."""
+        key = _k(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    if _s(pipe.hget(key, "status")) != src.value:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    for i, png in enumerate(images):
+                        pipe.set(_k(job_id, "image", i), png, ex=self.ttl)
+                    pipe.hset(key, mapping={"status": dst.value, **fields})
+                    self._add_event(pipe, job_id, event, data)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
