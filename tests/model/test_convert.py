@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.checkpoint import load_checkpoint
-from model.config import UNetConfig, model_preset
+from model.config import model_preset
 from model.convert import (
     ConversionError,
     diffusion_config_from_diffusers,
@@ -171,7 +171,7 @@ def test_missing_files_and_unmatched_weights_are_named(tmp_path: Path) -> None:
         import_diffusers(tmp_path / "nowhere", tmp_path / "x.safetensors")
     folder = write_folder(tmp_path / "m", random_unet2d(tiny_config()))
     (folder / "scheduler" / "scheduler_config.json").unlink()
-    with pytest.raises(ConversionError, match="scheduler_config.json"):
+    with pytest.raises(ConversionError, match=r"scheduler_config\.json"):
         import_diffusers(folder, tmp_path / "x.safetensors")
     write_folder(folder, random_unet2d(tiny_config()))
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
