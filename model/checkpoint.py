@@ -109,15 +109,31 @@ def save_checkpoint(
     atomic_save_safetensors(state, metadata, path)
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """An 8-byte little-endian header length that fits in the file, then the header's opening ``{``."""
+    return len(head) >= 9 and 8 + int.from_bytes(head[:8], "little") <= size and head[8:9] == b"{"
+
+
 def _refuse_foreign_format(path: Path) -> None:
     with open(path, "rb") as fh:
         head = fh.read(16)
+    # The first byte of a safetensors file is the low byte of its header length, which can be 0x80 or 'P':
+    # only call it a pickle when it is not a plausible safetensors header.
+    if _looks_like_safetensors(head, path.stat().st_size):
+        return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise CheckpointError(path, "this is a pickle file (PyTorch .pt/.bin); served checkpoints must be "
                                     "safetensors (convert diffusers weights with `ddpm import-diffusers`)")
     if len(head) < 8:
         raise CheckpointError(path, f"file too short ({len(head)} bytes) to be a safetensors checkpoint "
                                     "(truncated or empty)")
+
+
+def _int_field(path: Path, raw: dict[str, str], key: str) -> int:
+    try:
+        return int(raw.get(key, "0"))
+    except ValueError:
+        raise CheckpointError(path, f"invalid {key!r} in metadata: {raw.get(key)!r}") from None
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -155,7 +171,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         "dataset": raw.get("dataset", "unknown"),
         "image_size": unet_config.image_size,
         "channels": unet_config.in_channels,
-        "step": int(raw.get("step", "0")),
+        "step": _int_field(p, raw, "step"),
         "ema": raw.get("ema") == "true",
         "extra": extra,
         "num_tensors": len(keys),

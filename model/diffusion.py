@@ -164,7 +164,8 @@ class GaussianDiffusion:
             "posterior_mean_coef1": betas64 * abar_prev.sqrt() / (1.0 - abar),
             "posterior_mean_coef2": (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar),
             # fixedlarge: sigma_t^2 = beta_t, with beta~_1 at index 0 for a better decoder likelihood.
-            "fixedlarge_variance": torch.cat([posterior_variance[1:2], betas64[1:]]),
+            "fixedlarge_variance": torch.cat([posterior_variance[1:2], betas64[1:]]) if len(betas64) > 1
+            else betas64,
             "fixedsmall_variance": posterior_variance,
         }
         arrays64["fixedlarge_log_variance"] = torch.log(arrays64["fixedlarge_variance"])

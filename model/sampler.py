@@ -234,12 +234,15 @@ def sample_steps(eps_fn: EpsFn, chain: Chain, *, x0_every: int | None = None) ->
 
     ``x0_every``: include x0-hat on every ``x0_every``-th step and on the last one (None: never, 1: always).
     """
-    with torch.inference_mode():
-        while not chain.done:
-            i = chain.index
-            want = x0_every is not None and (i % x0_every == 0 or i == chain.total - 1)
+    while not chain.done:
+        i = chain.index
+        want = x0_every is not None and (i % x0_every == 0 or i == chain.total - 1)
+        # Inference mode only around the work, never across ``yield``: the caller's code between steps (or
+        # after it stops early without closing the generator) must run in its own autograd mode.
+        with torch.inference_mode():
             x_t, t = chain.model_input()
-            yield chain.step(eps_fn(x_t, t), want_x0=want)
+            record = chain.step(eps_fn(x_t, t), want_x0=want)
+        yield record
 
 
 def sample(eps_fn: EpsFn, diffusion: GaussianDiffusion, num_images: int, shape: Sequence[int], *, seed: int = 0,
