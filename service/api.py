@@ -1,0 +1,572 @@
+"""The HTTP API (FastAPI): the only place errors become HTTP status codes. ``ddpm serve`` runs it.
+
+``create_app(settings)`` wires routes, middleware (body-size limit, CORS, request metrics) and error handlers;
+the Redis client and the checkpoint metadata are opened in the app's lifespan, never at import time. Routes
+talk to Redis only through ``service.queue.JobStore``; sync routes run in FastAPI's thread pool and the SSE
+stream reads Redis in worker threads, so nothing blocks the event loop. The API never loads a model: it reads
+checkpoint metadata (T, image size) to resolve requests, and the worker does the sampling.
+
+Every error has the shape ``{"error": {"code", "message"}}``:
+
+    400/422 invalid_request   401 unauthorized   403 forbidden   404 not_found   410 expired
+    413 body_too_large   429 queue_full (Retry-After)   503 store_unavailable | model_unavailable | not_ready
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model.checkpoint import CheckpointError, read_metadata
+from service import metrics
+from service.queue import TERMINAL_STATES, JobState, JobStore, QueueFull, StoreUnavailable, connect, is_valid_job_id
+from service.schemas import (
+    ErrorBody,
+    FrameView,
+    GenerateAccepted,
+    GenerateRequest,
+    ImageView,
+    JobView,
+    Limits,
+    ModelInfo,
+    ModelsView,
+    Progress,
+    ReadyView,
+    RequestInvalid,
+    resolve_request,
+)
+from service.settings import Settings, get_settings
+
+__all__ = ["ApiError", "configure_parser", "create_app", "main"]
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+WORKER_MAX_AGE_SECONDS = 15.0  # a worker whose heartbeat is older is not counted as live
+STORE_RETRY_AFTER = 2  # seconds suggested to clients when Redis is unreachable
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          410: "expired", 413: "body_too_large", 422: "invalid_request", 429: "queue_full", 503: "unavailable"}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+        super().__init__(message)
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error responses of a route."""
+    return {c: {"model": ErrorBody, "description": _CODES.get(c, "error")} for c in codes}
+
+
+# ---- middleware --------------------------------------------------------------------------------------------
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with 413, by Content-Length or by counting a streamed body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = _error(413, "body_too_large", f"the request body must be at most {self.max_bytes} bytes")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await too_big(scope, receive, send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+class MetricsMiddleware:
+    """Request count and latency by method, route template (never the raw path) and status."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            labels = (scope["method"], route, str(status))
+            metrics.HTTP_REQUESTS.labels(*labels).inc()
+            metrics.HTTP_REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - start)
+
+
+# ---- state -------------------------------------------------------------------------------------------------
+class ModelCatalog:
+    """Metadata of the configured checkpoints, read without loading weights. A file that cannot be read yet
+    (e.g. still being trained) is retried on each look-up, so it becomes available without a restart."""
+
+    def __init__(self, checkpoints: dict[str, str]):
+        self.files = dict(checkpoints)
+        self.default = next(iter(self.files))
+        self._meta: dict[str, dict[str, Any]] = {}
+        self._errors: dict[str, str] = {}
+
+    def refresh(self) -> None:
+        for name, path in self.files.items():
+            if name in self._meta:
+                continue
+            try:
+                self._meta[name] = read_metadata(path)
+                self._errors.pop(name, None)
+            except CheckpointError as exc:
+                if self._errors.get(name) != str(exc):
+                    log.warning("model %s unavailable: %s", name, exc)
+                self._errors[name] = str(exc)
+
+    def available(self) -> dict[str, dict[str, Any]]:
+        self.refresh()
+        return dict(self._meta)
+
+    def info(self) -> list[ModelInfo]:
+        self.refresh()
+        out = []
+        for name in self.files:
+            meta = self._meta.get(name)
+            if meta is None:
+                out.append(ModelInfo(name=name, default=name == self.default, available=False,
+                                     error=self._errors.get(name)))
+                continue
+            diffusion = meta["diffusion_config"]
+            out.append(ModelInfo(name=name, default=name == self.default, available=True,
+                                 image_size=meta["image_size"], channels=meta["channels"],
+                                 num_timesteps=diffusion["num_timesteps"], variance=diffusion["variance"],
+                                 dataset=meta["dataset"], metadata=meta))
+        return out
+
+
+def _store(request: Request) -> JobStore:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+Store = Annotated[JobStore, Depends(_store)]
+
+
+# ---- auth --------------------------------------------------------------------------------------------------
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (when DDPM_API_KEYS is set)")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY (alternative)")
+
+
+def _require_key(request: Request,
+                 bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                 api_key: Annotated[str | None, Depends(_api_key)]) -> None:
+    """When API keys are configured, the request needs one: 401 when none is given, 403 when it is wrong."""
+    digests: list[bytes] = request.app.state.key_digests
+    if not digests:
+        return
+    given = bearer.credentials if bearer is not None else api_key
+    if not given:
+        raise ApiError(401, "unauthorized", "an API key is needed: send 'Authorization: Bearer KEY' or "
+                                            "'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
+    digest = hashlib.sha256(given.encode()).digest()
+    matched = False
+    for known in digests:  # no early exit: the time taken does not depend on which key matched
+        matched |= hmac.compare_digest(digest, known)
+    if not matched:
+        raise ApiError(403, "forbidden", "the API key is not valid")
+
+
+# ---- error handlers ----------------------------------------------------------------------------------------
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        field = ".".join(loc) or "body"
+        if err.get("type") == "extra_forbidden":
+            allowed = ", ".join(GenerateRequest.model_fields)
+            parts.append(f"{field}: unknown field (allowed: {allowed})")
+        else:
+            parts.append(f"{field}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return _error(exc.status, exc.code, exc.message, exc.headers)
+
+    async def invalid(_: Request, exc: Exception) -> Response:
+        if isinstance(exc, RequestInvalid):
+            return _error(422, "invalid_request", str(exc))
+        assert isinstance(exc, RequestValidationError)
+        return _error(422, "invalid_request", _validation_message(exc))
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return _error(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail),
+                      dict(exc.headers) if exc.headers else None)
+
+    async def store_down(_: Request, exc: Exception) -> Response:
+        log.warning("redis unavailable: %s", exc)
+        return _error(503, "store_unavailable", "the job store (Redis) is unreachable; retry shortly",
+                      {"Retry-After": str(STORE_RETRY_AFTER)})
+
+    async def queue_full(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, QueueFull)
+        return _error(429, "queue_full", f"{exc}", {"Retry-After": str(exc.retry_after)})
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(RequestInvalid, invalid)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(StoreUnavailable, store_down)
+    app.add_exception_handler(QueueFull, queue_full)
+
+
+# ---- job views ---------------------------------------------------------------------------------------------
+def _iso(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def _b64(png: bytes | None) -> str | None:
+    return None if png is None else base64.b64encode(png).decode()
+
+
+def _not_found(job_id: str, ttl: int) -> ApiError:
+    return ApiError(404, "not_found", f"no job {job_id}: the id is unknown or the job expired (jobs and their "
+                                      f"frames and images are kept {ttl} s); expired jobs answer 404, not 410")
+
+
+def _get_job(store: JobStore, job_id: str) -> dict[str, Any]:
+    if not is_valid_job_id(job_id):  # never reaches Redis
+        raise _not_found(job_id, store.ttl)
+    job = store.get(job_id)
+    if job is None:
+        raise _not_found(job_id, store.ttl)
+    return job
+
+
+def _job_view(store: JobStore, job: dict[str, Any], since: int, inline: bool) -> JobView:
+    job_id, status = job["id"], JobState(job["status"])
+    frames = [FrameView(index=f["index"], step=f["step"], t=f["t"], url=f"/jobs/{job_id}/frames/{f['index']}.png",
+                        data=_b64(store.frame_png(job_id, f["index"])) if inline else None)
+              for f in store.frames(job_id, since)]
+    images = []
+    if status is JobState.SUCCEEDED:
+        seeds = job["seeds"] or [None] * job["num_images"]
+        images = [ImageView(index=i, seed=seeds[i], url=f"/jobs/{job_id}/images/{i}.png",
+                            data=_b64(store.image_png(job_id, i)) if inline else None)
+                  for i in range(job["num_images"])]
+    return JobView(
+        id=job_id, status=status.value, model=job["model"], request=job["request"],
+        progress=Progress(step=job["step"], total=job["total"], t=job["t"] if job["t"] >= 0 else None),
+        queue_position=store.queue_position(job_id) if status is JobState.QUEUED else None,
+        frames=frames, images=images, error=job["error"],
+        cancel_requested=status is JobState.RUNNING and store.cancel_requested(job_id),
+        created_at=_iso(job["created_at"]), started_at=_iso(job["started_at"]), ended_at=_iso(job["ended_at"]))
+
+
+def _png(data: bytes | None, what: str) -> Response:
+    if data is None:
+        raise ApiError(410, "expired", f"{what} has expired")
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+# ---- routes ------------------------------------------------------------------------------------------------
+jobs = APIRouter(tags=["jobs"])
+info = APIRouter(tags=["service"])
+health = APIRouter(tags=["health"])
+
+
+@jobs.post("/generate", status_code=202, response_model=GenerateAccepted,
+           responses=_responses(401, 403, 413, 422, 429, 503))
+def generate(body: GenerateRequest, request: Request, response: Response, store: Store) -> GenerateAccepted:
+    """Queue a generation job; poll ``status_url`` or stream ``events_url``."""
+    settings, catalog = _settings(request), request.app.state.catalog
+    models = catalog.available()
+    name = body.model or catalog.default
+    if name in catalog.files and name not in models:
+        raise ApiError(503, "model_unavailable", f"model {name!r} is configured but its checkpoint cannot be "
+                                                 "read by the API yet; see GET /models")
+    limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps)
+    resolved = resolve_request(body, limits, models, catalog.default)
+    job_id = store.submit(resolved.to_dict(), resolved.model, num_images=resolved.num_images,
+                          total_steps=resolved.steps, seeds=[resolved.seed] * resolved.num_images,
+                          max_queue_length=settings.max_queue_length)
+    metrics.JOBS_SUBMITTED.labels(resolved.model).inc()
+    response.headers["Location"] = f"/jobs/{job_id}"
+    return GenerateAccepted(id=job_id, status="queued", status_url=f"/jobs/{job_id}",
+                            events_url=f"/jobs/{job_id}/events")
+
+
+@jobs.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=False,
+          responses=_responses(401, 403, 404, 422, 503))
+def get_job(job_id: str, store: Store,
+            since: Annotated[int, Query(ge=-1, description="only frames with index > since")] = -1,
+            inline: Annotated[bool, Query(description="add base64 PNG data to frames and images")] = False
+            ) -> JobView:
+    """A job's status, progress, queue position, frames so far and (once succeeded) its images."""
+    return _job_view(store, _get_job(store, job_id), since, inline)
+
+
+@jobs.get("/jobs/{job_id}/frames/{index}.png", response_class=Response,
+          responses={200: {"content": {"image/png": {}}}, **_responses(401, 403, 404, 410, 503)})
+def frame_png(job_id: str, index: int, store: Store) -> Response:
+    """The x0-hat frame ``index`` (a grid of all the job's images)."""
+    job = _get_job(store, job_id)
+    if not 0 <= index < job["num_frames"]:
+        raise ApiError(404, "not_found", f"job {job_id} has {job['num_frames']} frames so far (0-based)")
+    return _png(store.frame_png(job_id, index), f"frame {index} of job {job_id}")
+
+
+@jobs.get("/jobs/{job_id}/images/{index}.png", response_class=Response,
+          responses={200: {"content": {"image/png": {}}}, **_responses(401, 403, 404, 410, 503)})
+def image_png(job_id: str, index: int, store: Store) -> Response:
+    """Final image ``index`` of a succeeded job."""
+    job = _get_job(store, job_id)
+    if job["status"] != JobState.SUCCEEDED:
+        raise ApiError(404, "not_found", f"job {job_id} is {job['status']}: images exist once it has succeeded")
+    if not 0 <= index < job["num_images"]:
+        raise ApiError(404, "not_found", f"job {job_id} has images 0..{job['num_images'] - 1}")
+    return _png(store.image_png(job_id, index), f"image {index} of job {job_id}")
+
+
+@jobs.delete("/jobs/{job_id}", response_model=JobView, responses=_responses(401, 403, 404, 503))
+def cancel_job(job_id: str, store: Store, response: Response) -> JobView:
+    """Cancel: a queued job never starts (200, canceled); a running one stops within one denoising step
+    (202, ``cancel_requested``). A finished job is left as it is (200)."""
+    job = _get_job(store, job_id)
+    state = store.cancel(job_id)
+    if state is None:
+        raise _not_found(job_id, store.ttl)
+    if state not in TERMINAL_STATES:
+        response.status_code = 202
+    return _job_view(store, _get_job(store, job["id"]), since=-1, inline=False)
+
+
+def _sse(event_id: str, event: str, data: dict[str, Any]) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _event_stream(request: Request, job_id: str, last_id: str) -> AsyncIterator[str]:
+    """Events after ``last_id`` as SSE, then the new ones as they come; ends after the terminal event."""
+    state = request.app.state
+    store: JobStore = state.event_store
+    yield "retry: 1000\n\n"
+    quiet_since = time.monotonic()
+    while not await request.is_disconnected():
+        read = partial(store.events, job_id, last_id, block_ms=state.sse_block_ms)
+        try:
+            events = await anyio.to_thread.run_sync(read, limiter=state.sse_limiter)
+        except StoreUnavailable:
+            yield ": job store unavailable; reconnect with Last-Event-ID\n\n"
+            return
+        for ev in events:
+            if ev.event == "frame":
+                ev.data["url"] = f"/jobs/{job_id}/frames/{ev.data['index']}.png"
+            yield _sse(ev.id, ev.event, ev.data)
+            last_id, quiet_since = ev.id, time.monotonic()
+            if ev.event in TERMINAL_STATES:
+                return
+        if not events:
+            job = await anyio.to_thread.run_sync(store.get, job_id, limiter=state.sse_limiter)
+            if job is None or job["status"] in TERMINAL_STATES:
+                return  # expired, or the terminal event was already sent before this connection
+            if time.monotonic() - quiet_since >= state.sse_keepalive_s:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+
+
+def _valid_event_id(value: str | None) -> str:
+    """A Redis stream id ``ms-seq`` or ``"0"`` (from the start)."""
+    if value:
+        ms, _, seq = value.strip().partition("-")
+        if ms.isdigit() and seq.isdigit():
+            return value.strip()
+    return "0"
+
+
+@jobs.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+          responses={200: {"content": {"text/event-stream": {}},
+                           "description": "SSE: queued, running, progress, frame, then succeeded|failed|canceled"},
+                     **_responses(401, 403, 404, 503)})
+async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    """Server-Sent Events of a job. Each event's id is its Redis stream id; reconnecting with
+    ``Last-Event-ID`` replays what was missed. The stream closes after the terminal event."""
+    store: JobStore = request.app.state.store
+    await anyio.to_thread.run_sync(_get_job, store, job_id)  # 404 / 503 before the stream starts
+    last_id = _valid_event_id(request.headers.get("last-event-id") or request.query_params.get("last_event_id"))
+    return StreamingResponse(_event_stream(request, job_id, last_id), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@info.get("/models", response_model=ModelsView, responses=_responses(401, 403))
+def list_models(request: Request) -> ModelsView:
+    """The checkpoints this service serves, with their metadata; the first is the default."""
+    catalog: ModelCatalog = request.app.state.catalog
+    return ModelsView(default=catalog.default, models=catalog.info())
+
+
+@info.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}},
+                                                          **_responses(401, 403)})
+def prometheus_metrics(store: Store) -> Response:
+    """Prometheus metrics of the API process (queue depth sampled now)."""
+    try:
+        metrics.QUEUE_DEPTH.set(store.queue_length())
+    except StoreUnavailable:
+        log.warning("queue depth not sampled: redis unavailable")
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+@health.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive (no dependencies checked)."""
+    return {"status": "ok"}
+
+
+@health.get("/readyz", response_model=ReadyView, responses=_responses(503))
+def readyz(request: Request, store: Store) -> ReadyView:
+    """Ready when Redis answers and a worker serving the default model sent a heartbeat recently."""
+    default = request.app.state.catalog.default
+    store.ping()
+    workers = store.live_workers(WORKER_MAX_AGE_SECONDS)
+    serving = [w for w in workers if default in (w.get("models") or [])]
+    if not serving:
+        raise ApiError(503, "not_ready", f"no live worker serves the default model {default!r} "
+                                         f"(heartbeat within {WORKER_MAX_AGE_SECONDS:.0f} s)")
+    return ReadyView(status="ready", workers=serving)
+
+
+# ---- the app -----------------------------------------------------------------------------------------------
+def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.0, sse_block_ms: int = 1000
+               ) -> FastAPI:
+    """The API for ``settings`` (default: ``get_settings()``). Redis is connected in the lifespan."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        kw = {"queue_name": settings.queue_name, "ttl_seconds": settings.job_ttl_seconds,
+              "job_timeout_seconds": settings.job_timeout_seconds}
+        app.state.store = JobStore(connect(settings.redis_url, timeout=1.0), **kw)  # type: ignore[arg-type]
+        # SSE reads block up to sse_block_ms, so they get their own client and thread limiter.
+        app.state.event_store = JobStore(connect(settings.redis_url, timeout=sse_block_ms / 1000 + 2.0),
+                                         **kw)  # type: ignore[arg-type]
+        app.state.sse_limiter = anyio.CapacityLimiter(256)
+        app.state.catalog.refresh()
+        log.info("API serving models %s, redis %s", list(settings.checkpoints), settings.redis_url)
+        try:
+            yield
+        finally:
+            app.state.store.redis.close()
+            app.state.event_store.redis.close()
+
+    app = FastAPI(title="DDPM generation service", version="0.1.0", lifespan=lifespan,
+                  description="Generate images with DDPM checkpoints; watch x0-hat frames as they denoise.\n\n"
+                              "Errors: `{\"error\": {\"code\", \"message\"}}`.")
+    app.state.settings = settings
+    app.state.catalog = ModelCatalog(settings.checkpoints)
+    app.state.key_digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+    app.state.sse_keepalive_s, app.state.sse_block_ms = sse_keepalive_s, sse_block_ms
+    protected = [Depends(_require_key)]
+    app.include_router(jobs, dependencies=protected)
+    app.include_router(info, dependencies=protected)
+    app.include_router(health)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "Last-Event-ID"],
+                           expose_headers=["Location", "Retry-After"])
+    app.add_middleware(MetricsMiddleware)
+    return app
+
+
+# ---- `ddpm serve` ------------------------------------------------------------------------------------------
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``ddpm serve`` and ``ddpm up`` (each overrides its DDPM_* environment variable)."""
+    parser.add_argument("--host", help="address to listen on (DDPM_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="API port (DDPM_PORT; default 8000)")
+    parser.add_argument("--redis-url", help="redis://host:port/db (DDPM_REDIS_URL)")
+    parser.add_argument("--checkpoint", action="append", metavar="NAME=FILE",
+                        help="a model to serve; repeatable, the first is the default (DDPM_CHECKPOINTS)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags that were given on top."""
+    overrides: dict[str, Any] = {}
+    for flag, field in (("host", "host"), ("port", "port"), ("redis_url", "redis_url"),
+                        ("checkpoint", "checkpoints")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[field] = value
+    return Settings(**overrides)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_common_flags(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    logging.getLogger().setLevel(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=5)
+    return 0
