@@ -1,0 +1,107 @@
+"""Server-Sent Events over real HTTP: order, ids, Last-Event-ID replay, keep-alives, closing after the end."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import torch
+
+from model.images import png_bytes
+from service.queue import JobStore, connect
+
+from .conftest import ApiServer
+
+
+def _events(lines: list[str]) -> list[dict[str, Any]]:
+    """Parse SSE lines into [{id, event, data}] (comments kept as {"comment": ...})."""
+    out: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    for line in lines:
+        if line == "":
+            if current:
+                out.append(current)
+            current = {}
+        elif line.startswith(":"):
+            out.append({"comment": line[1:].strip()})
+        else:
+            key, _, value = line.partition(":")
+            current[key] = json.loads(value.strip()) if key == "data" else value.strip()
+    return out
+
+
+def _stream(url: str, headers: dict[str, str] | None = None, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Read an SSE response to its end (the server closes it after the terminal event)."""
+    with httpx.stream("GET", url, headers=headers, timeout=timeout) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return _events(list(r.iter_lines()))
+
+
+def _png() -> bytes:
+    return png_bytes(torch.zeros(3, 8, 8))
+
+
+def _work(store: JobStore, job_id: str, steps: int, delay: float = 0.0) -> None:
+    time.sleep(delay)
+    store.start(job_id, "w")
+    for i in range(steps):
+        store.progress(job_id, i + 1, steps, steps - 1 - i)
+        store.add_frame(job_id, i, steps - 1 - i, _png())
+    store.succeed(job_id, [_png()])
+
+
+def _submit(api: ApiServer, **body: Any) -> str:
+    return str(httpx.post(f"{api.url}/generate", json=body).json()["id"])
+
+
+def test_events_arrive_in_order_and_the_stream_ends(api_server: ApiServer) -> None:
+    job_id = _submit(api_server, steps=3)
+    store = JobStore(connect(api_server.settings.redis_url))
+    worker = threading.Thread(target=_work, args=(store, job_id, 3, 0.3))  # events arrive while we listen
+    worker.start()
+    events = [e for e in _stream(f"{api_server.url}/jobs/{job_id}/events") if "event" in e]
+    worker.join()
+    names = [e["event"] for e in events]
+    assert names == ["queued", "running"] + ["progress", "frame"] * 3 + ["succeeded"]
+    ids = [tuple(map(int, e["id"].split("-"))) for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    frames = [e["data"] for e in events if e["event"] == "frame"]
+    assert [f["index"] for f in frames] == [0, 1, 2]
+    assert frames[2]["url"] == f"/jobs/{job_id}/frames/2.png"
+    assert events[-1]["data"] == {"status": "succeeded", "num_images": 1}
+
+
+def test_last_event_id_replays_what_was_missed(api_server: ApiServer) -> None:
+    job_id = _submit(api_server, steps=2)
+    _work(JobStore(connect(api_server.settings.redis_url)), job_id, 2)
+    everything = [e for e in _stream(f"{api_server.url}/jobs/{job_id}/events") if "event" in e]
+    missed_after = everything[2]["id"]
+    replay = [e for e in _stream(f"{api_server.url}/jobs/{job_id}/events", {"Last-Event-ID": missed_after})
+              if "event" in e]
+    assert replay == everything[3:]
+    # After the terminal event there is nothing more: the stream closes at once.
+    assert [e for e in _stream(f"{api_server.url}/jobs/{job_id}/events", {"Last-Event-ID": everything[-1]["id"]})
+            if "event" in e] == []
+
+
+def test_keep_alive_comments_while_waiting_then_cancel_ends_it(make_api: Callable[..., ApiServer]) -> None:
+    api = make_api(app_kwargs={"sse_keepalive_s": 0.2, "sse_block_ms": 100})
+    job_id = _submit(api, steps=2)
+    lines: list[str] = []
+    with httpx.stream("GET", f"{api.url}/jobs/{job_id}/events", timeout=10) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            if line.startswith(": keep-alive") and not any("canceled" in x for x in lines):
+                httpx.delete(f"{api.url}/jobs/{job_id}")
+    events = _events(lines)
+    assert {"comment": "keep-alive"} in events
+    assert [e["event"] for e in events if "event" in e] == ["queued", "canceled"]
+
+
+def test_events_of_an_unknown_job_are_404(api_server: ApiServer) -> None:
+    r = httpx.get(f"{api_server.url}/jobs/{'f' * 32}/events")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
