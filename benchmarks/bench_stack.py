@@ -1,0 +1,185 @@
+"""The service stack's overhead, measured side by side in one run.
+
+1. Time from ``POST /generate`` to the final image bytes through the whole stack (private redis-server, the real
+   ``ddpm worker`` process, the API served by uvicorn in its own process, SSE to learn the end, then GET of every
+   image PNG) against calling the sampler directly in this process with the same checkpoint, steps, images and
+   seed. Reported as medians and their ratio (stack / direct).
+2. ``GET /jobs/{id}`` latency under a bounded concurrent load on loopback: ``--concurrency`` clients share a
+   fixed ``--requests`` count, stopped at ``--time-limit`` seconds; p50/p99 and throughput.
+
+    .venv/bin/python benchmarks/bench_stack.py [--checkpoint FILE] [--steps 100] [--num-images 4]
+
+Without ``--checkpoint`` it uses the demo checkpoint if present, else a random-weight ``digits``-preset model
+(same compute per step as the demo). Output: one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from model.config import MODEL_PRESETS  # noqa: E402
+from model.sampler import sample  # noqa: E402
+from model.unet import UNet  # noqa: E402
+from service.redis_server import RedisServer, free_port  # noqa: E402
+from service.settings import DEMO_CHECKPOINT  # noqa: E402
+
+
+def random_checkpoint(path: Path) -> Path:
+    preset = MODEL_PRESETS["digits"]
+    unet = UNet(preset.unet)
+    save_checkpoint(path, unet, preset.unet, preset.diffusion, dataset="random", step=0, ema=True)
+    return path
+
+
+def time_direct(checkpoint: Path, steps: int, num_images: int, seed: int, repeats: int) -> list[float]:
+    """The sampler called in this process: the floor the stack is compared with."""
+    loaded = load_checkpoint(checkpoint)
+    meta = loaded.metadata
+    shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    out = []
+    for _ in range(repeats + 1):  # the first run warms up
+        start = time.perf_counter()
+        sample(loaded.unet, loaded.diffusion, num_images, shape, seed=seed, steps=steps)
+        out.append(time.perf_counter() - start)
+    return out[1:]
+
+
+class Stack:
+    """redis-server + ``ddpm worker`` + ``ddpm serve`` as processes, like ``ddpm up``."""
+
+    def __init__(self, checkpoint: Path, tmp: Path):
+        self.redis = RedisServer(data_dir=tmp / "redis").start()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        ck = ["--redis-url", self.redis.url, f"--checkpoint=bench={checkpoint}"]
+        env = {**os.environ, "DDPM_MAX_QUEUE_LENGTH": "1000", "DDPM_MAX_NUM_IMAGES": "64"}
+        cli = [sys.executable, "-m", "service.cli"]
+        self.procs = [
+            subprocess.Popen([*cli, "worker", *ck, "--device", "cpu", "--metrics-port", "0"], cwd=ROOT, env=env),
+            subprocess.Popen([*cli, "serve", *ck, "--port", str(self.port)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        ]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the stack did not become ready")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(30)
+        self.redis.cleanup()
+
+
+def run_job(client: httpx.Client, body: dict[str, Any]) -> tuple[float, str]:
+    """POST, follow the SSE stream to the terminal event, GET every image: seconds from POST to last byte."""
+    start = time.perf_counter()
+    accepted = client.post("/generate", json=body).raise_for_status().json()
+    terminal = None
+    with client.stream("GET", accepted["events_url"], timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: ") and line[7:] in ("succeeded", "failed", "canceled"):
+                terminal = line[7:]
+    if terminal != "succeeded":
+        raise RuntimeError(f"job ended {terminal}")
+    for i in range(body["num_images"]):
+        client.get(f"/jobs/{accepted['id']}/images/{i}.png").raise_for_status()
+    return time.perf_counter() - start, accepted["id"]
+
+
+def get_latency(url: str, job_id: str, concurrency: int, requests: int, time_limit: float) -> dict[str, Any]:
+    """``requests`` GET /jobs/{id} shared by ``concurrency`` threads, each with its own keep-alive client."""
+    latencies: list[float] = []
+    lock, remaining = threading.Lock(), [requests]
+    deadline = time.perf_counter() + time_limit
+    errors = [0]
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            while time.perf_counter() < deadline:
+                with lock:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                start = time.perf_counter()
+                ok = client.get(f"/jobs/{job_id}").status_code == 200
+                elapsed = time.perf_counter() - start
+                with lock:
+                    latencies.append(elapsed)
+                    errors[0] += not ok
+
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    return {"requests": len(lat), "errors": errors[0], "concurrency": concurrency, "wall_s": round(wall, 3),
+            "throughput_rps": round(len(lat) / wall, 1),
+            "p50_ms": round(1000 * lat[len(lat) // 2], 2),
+            "p99_ms": round(1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--num-images", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--time-limit", type=float, default=30.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ddpm-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        checkpoint = args.checkpoint or (DEMO_CHECKPOINT if DEMO_CHECKPOINT.exists()
+                                         else random_checkpoint(tmp / "digits-random.safetensors"))
+        direct = time_direct(checkpoint, args.steps, args.num_images, 0, args.repeats)
+        stack = Stack(checkpoint, tmp)
+        try:
+            with httpx.Client(base_url=stack.url, timeout=30) as client:
+                body = {"num_images": args.num_images, "steps": args.steps, "seed": 0}
+                run_job(client, body)  # warm-up
+                runs = [run_job(client, body) for _ in range(args.repeats)]
+            through_stack = [s for s, _ in runs]
+            load = get_latency(stack.url, runs[-1][1], args.concurrency, args.requests, args.time_limit)
+        finally:
+            stack.stop()
+    d, s = statistics.median(direct), statistics.median(through_stack)
+    print(json.dumps({
+        "checkpoint": checkpoint.name, "steps": args.steps, "num_images": args.num_images,
+        "torch_threads": torch.get_num_threads(), "direct_s": [round(x, 3) for x in direct],
+        "stack_s": [round(x, 3) for x in through_stack], "direct_median_s": round(d, 3),
+        "stack_median_s": round(s, 3), "stack_over_direct": round(s / d, 3), "get_job_latency": load,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

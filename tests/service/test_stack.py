@@ -1,0 +1,113 @@
+"""``ddpm up`` as a user runs it: a subprocess that starts Redis, a worker and the API, serves a job, and stops
+every child on Ctrl-C (SIGINT) or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _up(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "up", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _wait_ready_line(proc: subprocess.Popen[str], timeout: float = 120) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "ready" in line:
+            return line
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"ddpm up exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+    raise AssertionError("ddpm up never said it was ready")
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_up_serves_a_job_and_stops_everything(tiny_checkpoint: Path, tmp_path: Path,
+                                              stop_signal: signal.Signals) -> None:
+    port = free_port()
+    proc = _up("--port", str(port), "--checkpoint", f"tiny={tiny_checkpoint}", "--data-dir", str(tmp_path / "redis"),
+               "--device", "cpu", "--worker-metrics-port", "0")
+    try:
+        line = _wait_ready_line(proc)
+        url = f"http://127.0.0.1:{port}"
+        assert url in line
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        job = httpx.post(f"{url}/generate", json={"num_images": 2, "steps": 4, "seed": 1}).json()
+        deadline = time.monotonic() + 60
+        while (view := httpx.get(f"{url}{job['status_url']}").json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, view
+            time.sleep(0.1)
+        assert view["status"] == "succeeded" and len(view["images"]) == 2
+        assert httpx.get(url + view["images"][1]["url"]).headers["content-type"] == "image/png"
+        children = _children(proc.pid)
+        assert len(children) >= 3  # redis-server, the worker, the API
+        proc.send_signal(stop_signal)
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(c) for c in children)
+        with socket.socket() as s:  # the API port is free again
+            s.bind(("127.0.0.1", port))
+        assert list((tmp_path / "redis").glob("appendonly*"))  # the private Redis persisted its jobs
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_up_refuses_a_missing_checkpoint_with_a_hint(tmp_path: Path) -> None:
+    proc = _up("--port", str(free_port()), "--checkpoint", f"gone={tmp_path / 'gone.safetensors'}",
+               "--data-dir", str(tmp_path / "redis"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "model 'gone'" in err and "file not found" in err
+    assert not (tmp_path / "redis").exists()  # nothing was started
+
+
+def test_up_refuses_a_busy_port(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _up("--port", str(port), "--checkpoint", f"tiny={tiny_checkpoint}", "--data-dir",
+                   str(tmp_path / "redis"))
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
