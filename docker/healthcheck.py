@@ -54,7 +54,7 @@ def ddpm_argv(proc: Path = Path("/proc")) -> list[str]:
     pids = sorted(int(p.name) for p in proc.iterdir() if p.name.isdigit())
     for pid in pids:
         try:
-            argv = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            argv = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
         except OSError:
             continue
         if any("ddpm" in a for a in argv[:3]) and any(a in _PROBED for a in argv):
