@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,6 +14,15 @@ from model.sampler import Chain, ImageNoise, respace, sample, sample_steps, spac
 from model.unet import UNet
 
 SHAPE = (3, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """8x8 images: one thread is several times faster than two fighting over shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
