@@ -34,6 +34,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -230,14 +231,17 @@ def _require_key(request: Request,
 
 
 # ---- error handlers ----------------------------------------------------------------------------------------
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
+def _validation_message(exc: RequestValidationError, limits: Limits) -> str:
+    """``field: what is wrong (allowed range or values)`` for the first few errors."""
+    ranges, parts = limits.ranges(), []
     for err in exc.errors()[:3]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         field = ".".join(loc) or "body"
         if err.get("type") == "extra_forbidden":
-            allowed = ", ".join(GenerateRequest.model_fields)
-            parts.append(f"{field}: unknown field (allowed: {allowed})")
+            parts.append(f"{field}: unknown field (allowed: {', '.join(GenerateRequest.model_fields)})")
+        elif field in ranges and err.get("type") in ("greater_than_equal", "less_than_equal"):
+            lo, hi = ranges[field]
+            parts.append(f"{field}: must be between {lo} and {hi} (got {err.get('input')})")
         else:
             parts.append(f"{field}: {err.get('msg')}")
     return "; ".join(parts)
@@ -248,11 +252,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, ApiError)
         return _error(exc.status, exc.code, exc.message, exc.headers)
 
-    async def invalid(_: Request, exc: Exception) -> Response:
+    async def invalid(request: Request, exc: Exception) -> Response:
         if isinstance(exc, RequestInvalid):
             return _error(422, "invalid_request", str(exc))
         assert isinstance(exc, RequestValidationError)
-        return _error(422, "invalid_request", _validation_message(exc))
+        return _error(422, "invalid_request", _validation_message(exc, request.app.state.limits))
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -332,7 +336,7 @@ health = APIRouter(tags=["health"])
 
 
 @jobs.post("/generate", status_code=202, response_model=GenerateAccepted,
-           responses=_responses(401, 403, 413, 422, 429, 503))
+           responses=_responses(400, 401, 403, 413, 422, 429, 503))
 def generate(body: GenerateRequest, request: Request, response: Response, store: Store) -> GenerateAccepted:
     """Queue a generation job; poll ``status_url`` or stream ``events_url``."""
     settings, catalog = _settings(request), request.app.state.catalog
@@ -341,8 +345,7 @@ def generate(body: GenerateRequest, request: Request, response: Response, store:
     if name in catalog.files and name not in models:
         raise ApiError(503, "model_unavailable", f"model {name!r} is configured but its checkpoint cannot be "
                                                  "read by the API yet; see GET /models")
-    limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps)
-    resolved = resolve_request(body, limits, models, catalog.default)
+    resolved = resolve_request(body, request.app.state.limits, models, catalog.default)
     job_id = store.submit(resolved.to_dict(), resolved.model, num_images=resolved.num_images,
                           total_steps=resolved.steps, seeds=[resolved.seed] * resolved.num_images,
                           max_queue_length=settings.max_queue_length)
@@ -355,7 +358,7 @@ def generate(body: GenerateRequest, request: Request, response: Response, store:
 @jobs.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=False,
           responses=_responses(401, 403, 404, 422, 503))
 def get_job(job_id: str, store: Store,
-            since: Annotated[int, Query(ge=-1, description="only frames with index > since")] = -1,
+            since: Annotated[int, Query(ge=-1, le=10**9, description="only frames with index > since")] = -1,
             inline: Annotated[bool, Query(description="add base64 PNG data to frames and images")] = False
             ) -> JobView:
     """A job's status, progress, queue position, frames so far and (once succeeded) its images."""
@@ -490,6 +493,25 @@ def readyz(request: Request, store: Store) -> ReadyView:
     return ReadyView(status="ready", workers=serving)
 
 
+def _document_limits(app: FastAPI, limits: Limits) -> None:
+    """Put this server's numeric limits into the OpenAPI schema of ``GenerateRequest``."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+            props["num_images"]["maximum"] = limits.max_num_images
+            for name in ("steps", "preview_every"):
+                for option in props[name].get("anyOf", [props[name]]):
+                    if option.get("type") == "integer":
+                        option["maximum"] = limits.max_steps
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # ---- the app -----------------------------------------------------------------------------------------------
 def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.0, sse_block_ms: int = 1000
                ) -> FastAPI:
@@ -519,8 +541,10 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     app.state.settings = settings
     app.state.catalog = ModelCatalog(settings.checkpoints)
     app.state.key_digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+    app.state.limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps)
     app.state.sse_keepalive_s, app.state.sse_block_ms = sse_keepalive_s, sse_block_ms
-    protected = [Depends(_require_key)]
+    # Without keys the routes are open and the OpenAPI schema declares no security.
+    protected = [Depends(_require_key)] if settings.api_keys else []
     app.include_router(jobs, dependencies=protected)
     app.include_router(info, dependencies=protected)
     app.include_router(health)
@@ -531,6 +555,7 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
         return FileResponse(STATIC_DIR / "index.html")
 
     _install_error_handlers(app)
+    _document_limits(app, app.state.limits)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

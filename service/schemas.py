@@ -55,16 +55,16 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"num_images": 4, "steps": 100}]})
 
-    num_images: int = Field(1, description="images to generate (1..DDPM_MAX_NUM_IMAGES)")
-    seed: int | None = Field(None, description=f"0..{MAX_SEED}; random when omitted. Image i of seed s is "
-                                               "the same whatever num_images is")
-    steps: int | None = Field(None, description="denoising steps, 1..min(DDPM_MAX_STEPS, the model's T); "
-                                                "fewer than T respaces the schedule; default T")
+    num_images: int = Field(1, ge=1, description="images to generate (1..DDPM_MAX_NUM_IMAGES)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"0..{MAX_SEED}; random when omitted. Image i "
+                                                                   "of seed s is the same whatever num_images is")
+    steps: int | None = Field(None, ge=1, description="denoising steps, 1..min(DDPM_MAX_STEPS, the model's T); "
+                                                      "fewer than T respaces the schedule; default T")
     sampler: Sampler = Field("ddpm", description="ddpm (ancestral) or ddim")
-    eta: float = Field(0.0, description="DDIM noise scale, 0..1 (ignored by ddpm)")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM noise scale, 0..1 (ignored by ddpm)")
     variance: Variance | None = Field(None, description="reverse variance for ddpm; default: the model's")
-    preview_every: int | None = Field(None, description="an x0-hat frame every this many steps (1..steps); "
-                                                        "default about 20 frames per job")
+    preview_every: int | None = Field(None, ge=1, description="an x0-hat frame every this many steps "
+                                                              "(1..steps); default about 20 frames per job")
     model: str | None = Field(None, description="a name from GET /models; default: the first served model")
 
 
@@ -75,6 +75,12 @@ class Limits:
     max_num_images: int
     max_steps: int
     max_image_steps: int
+
+    def ranges(self) -> dict[str, tuple[float, float | str]]:
+        """Each bounded field's allowed (min, max), for messages and the OpenAPI schema."""
+        steps_max = f"min({self.max_steps}, the model's T; see GET /models)"
+        return {"num_images": (1, self.max_num_images), "seed": (0, MAX_SEED), "steps": (1, steps_max),
+                "eta": (0, 1), "preview_every": (1, "steps")}
 
 
 @dataclass(frozen=True)

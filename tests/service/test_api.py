@@ -111,7 +111,7 @@ def test_failed_job_reports_its_error(api_server: ApiServer) -> None:
     ({"num_images": 0}, "num_images", "between 1 and 16"),
     ({"num_images": 17}, "num_images", "between 1 and 16"),
     ({"steps": 41}, "steps", "between 1 and 40"),
-    ({"steps": 0}, "steps", "between 1 and 40"),
+    ({"steps": 0}, "steps", "between 1 and min(1000, the model's T"),
     ({"sampler": "euler"}, "sampler", "'ddpm' or 'ddim'"),
     ({"eta": 1.5}, "eta", "between 0 and 1"),
     ({"variance": "learned"}, "variance", "'fixedlarge' or 'fixedsmall'"),
