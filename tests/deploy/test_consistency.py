@@ -12,6 +12,7 @@ import importlib
 import io
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -57,8 +58,11 @@ def parse_ddpm(container: Container) -> tuple[str, Any]:
     return module, args
 
 
+SettingsOf = Callable[[Container], Settings]
+
+
 @pytest.fixture
-def effective_settings(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def effective_settings(monkeypatch: pytest.MonkeyPatch) -> SettingsOf:
     """The Settings a container's process ends up with: its DDPM_* environment, then its flags on top."""
 
     def settings_for(container: Container) -> Settings:
@@ -107,7 +111,7 @@ def _copied_into_image() -> set[str]:
 @pytest.mark.parametrize("container", [c for c in CONTAINERS if c.argv[0] in ("serve", "worker")],
                          ids=lambda c: f"{c.where}:{c.argv[0]}")
 def test_served_checkpoints_are_in_the_image_or_on_the_checkpoint_volume(
-        container: Container, effective_settings) -> None:  # type: ignore[no-untyped-def]
+        container: Container, effective_settings: SettingsOf) -> None:
     settings = effective_settings(container)
     for name, path in settings.checkpoints.items():
         in_image = path in _copied_into_image()
@@ -149,7 +153,7 @@ def test_settings_defaults_are_the_ports_the_deployment_uses() -> None:
 
 
 @pytest.mark.parametrize("where", ["compose:api", "compose+cpu:api", "k8s:Deployment/ddpm-api"])
-def test_the_api_listens_where_it_is_published_and_probed(where: str, effective_settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_api_listens_where_it_is_published_and_probed(where: str, effective_settings: SettingsOf) -> None:
     settings = effective_settings(_one(where))
     assert settings.host == "0.0.0.0", f"{where}: the API must listen on all interfaces inside its container"
     assert settings.port == 8000
@@ -158,14 +162,14 @@ def test_the_api_listens_where_it_is_published_and_probed(where: str, effective_
 
 
 @pytest.mark.parametrize("where", ["compose:worker", "compose+cpu:worker", "k8s:Deployment/ddpm-worker"])
-def test_the_worker_metrics_port_is_where_it_is_probed_and_scraped(where: str, effective_settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_worker_metrics_port_is_where_it_is_probed_and_scraped(where: str, effective_settings: SettingsOf) -> None:
     settings = effective_settings(_one(where))
     assert settings.worker_metrics_port == 9100
     if where.startswith("k8s"):
         assert _one(where).ports["metrics"] == settings.worker_metrics_port
 
 
-def test_the_cpu_override_runs_the_worker_on_the_cpu(effective_settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_cpu_override_runs_the_worker_on_the_cpu(effective_settings: SettingsOf) -> None:
     assert effective_settings(_one("compose+cpu:worker")).device == "cpu"
     assert effective_settings(_one("compose:worker")).device == "cuda"
 
@@ -182,3 +186,23 @@ def test_the_keda_trigger_watches_the_queue_the_service_uses() -> None:
     host, port, db = host_port.groups()
     assert trigger["address"] == f"{host}.ddpm.svc.cluster.local:{port}"
     assert trigger["databaseIndex"] == db
+
+
+# ---- graceful stop ----------------------------------------------------------------------------------------------
+def _grace_seconds(where: str) -> int:
+    if where.startswith("k8s:"):
+        name = where.split("/", 1)[1]
+        return int(files.k8s_named("Deployment", name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
+    service = files.compose(cpu="+cpu" in where)["services"][where.split(":", 1)[1]]
+    return int(str(service["stop_grace_period"]).removesuffix("s"))
+
+
+@pytest.mark.parametrize("where", ["compose:worker", "compose+cpu:worker", "k8s:Deployment/ddpm-worker"])
+def test_a_stopping_worker_finishes_its_jobs_before_it_is_killed(where: str, effective_settings: SettingsOf) -> None:
+    container = _one(where)
+    settings = effective_settings(container)
+    _, args = parse_ddpm(container)
+    # SIGTERM: running jobs get --stop-grace seconds (enough for the longest job), then are handed back; the
+    # platform's grace period must leave time after that for the hand-back and the last writes.
+    assert args.stop_grace >= settings.job_timeout_seconds
+    assert _grace_seconds(where) >= args.stop_grace + 30
