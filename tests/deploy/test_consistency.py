@@ -206,3 +206,16 @@ def test_a_stopping_worker_finishes_its_jobs_before_it_is_killed(where: str, eff
     # platform's grace period must leave time after that for the hand-back and the last writes.
     assert args.stop_grace >= settings.job_timeout_seconds
     assert _grace_seconds(where) >= args.stop_grace + 30
+
+
+# ---- the README ----------------------------------------------------------------------------------------------
+def test_the_readme_deployment_section_names_files_that_exist() -> None:
+    readme = (files.ROOT / "README.md").read_text()
+    assert "## Deployment" in readme, "README.md has no Deployment section"
+    section = readme.split("## Deployment", 1)[1]
+    for command in ("make run", "docker compose up", "kubectl apply -k k8s/", "kubectl apply -k k8s/train"):
+        assert command in section, f"the Deployment section does not show `{command}`"
+    named = set(re.findall(r"(?<![\w/.])((?:docker|k8s)/[\w./-]*\w|docker-compose\.yml)", section))
+    assert named, "expected paths of the deployment files"
+    missing = sorted(p for p in named if not (files.ROOT / p).exists())
+    assert not missing, f"README.md names deployment files that do not exist: {missing}"
