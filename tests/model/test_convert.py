@@ -213,3 +213,23 @@ def test_reverse_step_matches_ddpm_scheduler(variance_type: str, clip: bool) -> 
         x_prev, x0_hat = ours.p_sample_from_eps(x_t, torch.full((2,), t), eps, z)
         torch.testing.assert_close(x0_hat, out.pred_original_sample, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(x_prev, out.prev_sample, atol=1e-4, rtol=1e-4)
+
+
+class _NotATensor:
+    """Anything but tensors in a .bin must never be unpickled."""
+
+
+def test_bin_weights_with_arbitrary_objects_are_refused(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "m", random_unet2d(tiny_config()), safe=False)
+    weights = folder / "unet" / "diffusion_pytorch_model.bin"
+    torch.save({"conv_in.weight": _NotATensor()}, weights)
+    with pytest.raises(ConversionError, match="could not read the weights") as info:
+        import_diffusers(folder, tmp_path / "x.safetensors")
+    assert str(weights) in str(info.value)
+
+
+def test_log_variance_spellings_map_to_the_same_variances() -> None:
+    assert diffusion_config_from_diffusers({"variance_type": "fixed_small_log"}).variance == "fixedsmall"
+    assert diffusion_config_from_diffusers({"variance_type": "fixed_large_log"}).variance == "fixedlarge"
+    cosine = diffusion_config_from_diffusers({"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 4000})
+    assert (cosine.beta_schedule, cosine.num_timesteps) == ("cosine", 4000)
