@@ -4,6 +4,7 @@ the wiring between objects (selectors, ports, probes, volumes, GPU placement, gr
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,48 @@ def test_the_keda_scaled_object_has_the_right_shape() -> None:
                                         "activationListLength", "enableTLS"}
     assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata values are strings"
     assert int(trigger["metadata"]["listLength"]) >= 1
+
+
+def _json_patch(doc: Any, operations: list[dict[str, Any]]) -> Any:
+    """RFC 6902 add/remove/replace on plain data: what kustomize does with the components' patches."""
+    doc = copy.deepcopy(doc)
+    for op in operations:
+        *parents, last = op["path"].lstrip("/").split("/")
+        node = doc
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if op["op"] == "remove":
+            del node[int(last) if isinstance(node, list) else last]
+        elif isinstance(node, list) and last == "-":
+            node.append(op["value"])
+        else:
+            node[int(last) if isinstance(node, list) else last] = op["value"]
+    return doc
+
+
+def test_the_keda_component_patches_leave_valid_objects() -> None:
     component = yaml.safe_load((files.K8S / "keda" / "kustomization.yaml").read_text())
-    (patch,) = component["patches"]
-    assert patch["target"]["name"] == "ddpm-worker"
-    assert yaml.safe_load(patch["patch"]) == [{"op": "remove", "path": "/spec/replicas"}]
+    patched = {}
+    for patch in component["patches"]:
+        target = patch["target"]
+        doc = files.k8s_named(target["kind"], target["name"])
+        assert doc["apiVersion"] == f"{target['group']}/{target['version']}"
+        patched[target["kind"]] = _json_patch(doc, yaml.safe_load(patch["patch"]))
+        kubernetes_validate.validate(patched[target["kind"]], K8S_VERSION, strict=True)
+    assert "replicas" not in patched["Deployment"]["spec"], "the autoscaler owns the replica count"
+    sources = [peer for rule in patched["NetworkPolicy"]["spec"]["ingress"] for peer in rule["from"]]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in sources
+
+
+def test_only_the_pods_that_use_redis_may_reach_it() -> None:
+    policy = files.k8s_named("NetworkPolicy", "redis")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    (expression,) = rule["from"][0]["podSelector"]["matchExpressions"]
+    allowed = set(expression["values"])
+    workloads = {f"k8s:{d['kind']}/{d['metadata']['name']}": d for d in files.k8s_kind("Deployment")
+                 + files.k8s_kind("Job")}
+    users = {workloads[c.where]["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+             for c in files.k8s_containers() if "DDPM_REDIS_URL" in c.env}
+    assert allowed == users == {"ddpm-api", "ddpm-worker"}
