@@ -462,6 +462,10 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _as_list(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
 def resolve_from_args(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     """The run's config: saved config (on --resume) or preset + file + flags. ``ValueError`` on bad values."""
     overrides = _cli_overrides(args)
@@ -471,7 +475,9 @@ def resolve_from_args(args: argparse.Namespace, run_dir: Path) -> RunConfig:
         if not saved.is_file():
             raise ValueError(f"--resume: {saved} not found (is --out the run folder?)")
         base = RunConfig.from_dict(json.loads(saved.read_text()))
-        changed = {s: v for s, v in overrides.items() if s != "train" and v}
+        saved_parts = {"unet": base.unet.to_dict(), "diffusion": base.diffusion.to_dict()}
+        changed = {f"{s}.{k}": v for s, part in saved_parts.items() for k, v in overrides[s].items()
+                   if _as_list(v) != _as_list(part[k])}
         if changed:
             raise ValueError(f"--resume cannot change the model or diffusion: {changed}")
         train = base.train.to_dict() | file_overrides.get("train", {}) | overrides["train"]
