@@ -219,3 +219,5 @@ def test_the_readme_deployment_section_names_files_that_exist() -> None:
     assert named, "expected paths of the deployment files"
     missing = sorted(p for p in named if not (files.ROOT / p).exists())
     assert not missing, f"README.md names deployment files that do not exist: {missing}"
+    unknown = sorted(n for n in _ddpm_names_in(section) if n.removeprefix("DDPM_").lower() not in SETTINGS_FIELDS)
+    assert not unknown, f"the Deployment section names settings that do not exist: {unknown}"
