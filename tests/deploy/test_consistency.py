@@ -12,8 +12,11 @@ import importlib
 import io
 import os
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -140,11 +143,24 @@ def test_the_api_serves_the_probe_and_metrics_paths() -> None:
     assert {"/healthz", "/readyz", "/metrics"} <= paths
 
 
-def test_the_worker_serves_healthz_on_its_metrics_port() -> None:
-    pytest.importorskip("service.worker", reason="service/worker.py is not written yet")
-    sources = [importlib.import_module(m).__file__ for m in ("service.worker", "service.metrics")]
-    text = "".join(Path(str(s)).read_text() for s in sources)
-    assert "/healthz" in text and "/metrics" in text, f"no /healthz or /metrics handler in {sources}"
+def test_the_worker_healthz_turns_200_once_the_model_is_loaded() -> None:
+    """What the worker's startup and liveness probes rely on (the real server of service.worker, on loopback)."""
+    worker_module = pytest.importorskip("service.worker", reason="service/worker.py is not written yet")
+    state = SimpleNamespace(loaded=False)
+    server = worker_module.serve_metrics(SimpleNamespace(healthy=lambda: state.loaded), "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as starting:
+            urllib.request.urlopen(f"{base}/healthz", timeout=5)
+        assert starting.value.code == 503
+        state.loaded = True
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as ready:
+            assert ready.status == 200
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as scraped:
+            assert b"# TYPE" in scraped.read()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_settings_defaults_are_the_ports_the_deployment_uses() -> None:
