@@ -117,9 +117,7 @@ def dockerfile_instructions(path: Path = DOCKERFILE) -> list[Instruction]:
     buffer, start = "", 0
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.strip()
-        if not buffer and (not line or line.startswith("#")):
-            continue
-        if buffer and line.startswith("#"):
+        if line.startswith("#") or not (line or buffer):
             continue
         if not buffer:
             start = number
@@ -135,7 +133,7 @@ def dockerfile_instructions(path: Path = DOCKERFILE) -> list[Instruction]:
 
 def dockerfile_env() -> dict[str, str]:
     """ENV of the final stage (``KEY=value`` pairs)."""
-    stages = [[]]  # type: list[list[Instruction]]
+    stages: list[list[Instruction]] = [[]]
     for ins in dockerfile_instructions():
         if ins.keyword == "FROM":
             stages.append([])
