@@ -57,6 +57,8 @@ def test_the_base_is_the_service_and_the_optional_parts_are_separate() -> None:
     assert "keda" not in str(base) and "train" not in str(base["resources"])
     for image in base["images"]:
         assert image["name"] == "ddpm-service" and image["newTag"] != "latest"
+    train = yaml.safe_load((files.K8S / "train" / "kustomization.yaml").read_text())
+    assert train["images"] == base["images"], "training must run the image the workers serve with"
 
 
 def test_objects_carry_no_namespace_of_their_own_or_the_services() -> None:
