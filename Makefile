@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(BIN)/ddpm up
 
 lint: $(STAMP)
-	$(BIN)/ruff check model service tests benchmarks
+	$(BIN)/ruff check model service tests benchmarks docker
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
