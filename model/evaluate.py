@@ -96,8 +96,11 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _shift(x: torch.Tensor, g: torch.Generator, max_px: int = 2) -> torch.Tensor:
-    """Random translation by up to ``max_px`` pixels (background padding): cheap augmentation."""
+def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 1/16 of the image size (background padding): cheap augmentation."""
+    max_px = x.shape[-1] // 16
+    if max_px == 0:
+        return x
     dx, dy = (int(v) for v in torch.randint(-max_px, max_px + 1, (2,), generator=g))
     padded = F.pad(x, (max_px, max_px, max_px, max_px), value=-1.0)
     h, w = x.shape[-2:]

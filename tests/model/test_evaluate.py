@@ -1,0 +1,95 @@
+"""``ddpm eval``: the Fréchet distance, the feature classifier, bits/dim and the end-to-end report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.config import DiffusionConfig, UNetConfig
+from model.data import load_dataset, to_model_range
+from model.evaluate import frechet_distance, train_classifier
+from model.unet import UNet
+from service.cli import main as cli
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_frechet_distance_matches_the_closed_form() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 5))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # Same covariance, mean shifted by c: the distance is |c|^2 exactly.
+    c = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
+    assert frechet_distance(a, a + c) == pytest.approx(float(c @ c), rel=1e-9)
+    # Independent isotropic Gaussians with variances 1 and 4: Tr(1 + 4 - 2*2) per dimension = 1 each.
+    x, y = rng.normal(size=(200_000, 3)), 2.0 * rng.normal(size=(200_000, 3))
+    assert frechet_distance(x, y) == pytest.approx(3.0, rel=0.02)
+
+
+def test_feature_classifier_learns_the_digits() -> None:
+    train = load_dataset("digits", 8, 1, "train")
+    test = load_dataset("digits", 8, 1, "test")
+    net = train_classifier(train, epochs=4)
+    with torch.no_grad():
+        pred = net(to_model_range(test.all_images())).argmax(dim=1)
+    assert float((pred == test.labels).float().mean()) > 0.85  # type: ignore[operator]
+
+
+def _checkpoint(path: Path, *, trained: bool) -> Path:
+    """A tiny 8x8 model: zero-initialised output (eps = 0, 'untrained'), or random weights."""
+    cfg = UNetConfig(image_size=8, in_channels=1, out_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(4,), dropout=0.0, num_groups=4)
+    torch.manual_seed(0)
+    unet = UNet(cfg)
+    if trained:
+        torch.nn.init.normal_(unet.conv_out.weight, std=0.01)
+    save_checkpoint(path, unet, cfg, DiffusionConfig(num_timesteps=20), dataset="digits", step=7)
+    return path
+
+
+def test_eval_reports_every_figure_with_its_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _checkpoint(tmp_path / "m.safetensors", trained=False)
+    args = ["eval", str(ckpt), "--bpd-num-t", "3", "--bpd-images", "40", "--num-samples", "60", "--sample-steps",
+            "5", "--classifier-cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"),
+            "--grid", str(tmp_path / "grid.png"), "--inception-weights", str(tmp_path / "pt_inception.pth")]
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    for label in ("bits/dim (held-out)", "classifier FD: samples vs train", "classifier FD: held-out vs train",
+                  "sample class histogram", "Inception network is not implemented"):
+        assert label in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["step"] == 7 and report["num_samples"] == 60 and sum(report["sample_class_histogram"]) == 60
+    assert sum(report["heldout_class_histogram"]) == 60
+    assert np.isfinite(report["bpd"]) and report["bpd"] > 0
+    # A model that predicts eps = 0 makes noise, far from the digits; real held-out digits are close.
+    assert report["fd_samples_vs_train"] > 5 * report["fd_heldout_vs_train"]
+    assert report["classifier_accuracy"] > 0.8
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert len(list((tmp_path / "cache").glob("classifier-*.safetensors"))) == 1  # reused next time
+
+
+def test_full_bound_and_estimate_agree_on_average(tmp_path: Path) -> None:
+    from model.checkpoint import load_checkpoint
+    from model.evaluate import bits_per_dim
+
+    ckpt = load_checkpoint(_checkpoint(tmp_path / "m.safetensors", trained=True))
+    images = load_dataset("digits", 8, 1, "test").images(range(32))
+    full, _ = bits_per_dim(ckpt, images, full_bound=True)
+    est, err = bits_per_dim(ckpt, images, num_t=19)
+    assert est == pytest.approx(full, abs=4 * err + 0.05 * full)
+
+
+def test_eval_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["eval", str(tmp_path / "none.safetensors")]) == 2
+    assert "file not found" in capsys.readouterr().err
