@@ -164,7 +164,7 @@ class Progress(BaseModel):
 
 class FrameView(BaseModel):
     index: int
-    step: int = Field(description="the step (0-based) whose x0-hat this frame shows")
+    step: int = Field(description="denoising steps done when this x0-hat was taken (1..total)")
     t: int = Field(description="the model timestep of that step")
     url: str
     data: str | None = Field(None, description="base64 PNG, only with ?inline=1")
