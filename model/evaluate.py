@@ -11,8 +11,8 @@ Figures (each reported with a reference so the number means something):
   real held-out images vs the training images (the floor a perfect model would reach with that many images).
 - **class histogram** of the samples under that classifier (shows whether every class is produced), next to the
   held-out images' histogram, and the classifier's held-out accuracy.
-- **FID** (Inception features) needs the pytorch-fid weights file on disk (``--inception-weights``); this build
-  does not implement the Inception network, and says so instead of downloading anything.
+- **FID** (Inception features) would need the pytorch-fid weights file on disk; this build does not implement
+  the Inception network, so ``--inception-weights`` fails at once with that message (nothing is downloaded).
 
 This module owns the evaluation figures and the small classifier; sampling, the bound and the data come from
 ``model.sampler``, ``model.diffusion`` and ``model.data``.
@@ -198,7 +198,6 @@ class EvalReport:
     classifier_accuracy: float | None = None
     sample_class_histogram: list[int] = field(default_factory=list)
     heldout_class_histogram: list[int] = field(default_factory=list)
-    fid: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -216,8 +215,6 @@ class EvalReport:
                 ("sample class histogram", " ".join(str(c) for c in self.sample_class_histogram)),
                 ("held-out class histogram", " ".join(str(c) for c in self.heldout_class_histogram)),
             ]
-        if self.fid is not None:
-            rows.append(("FID", f"{self.fid:.2f}"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows] + [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -265,6 +262,10 @@ def _sample_quality(report: EvalReport, ckpt: LoadedCheckpoint, train: ImageSet,
 
 def evaluate(args: argparse.Namespace) -> EvalReport:
     """Run every figure asked for by ``args`` (see ``configure_parser``)."""
+    if args.inception_weights:
+        raise ValueError(f"FID is not available in this build: the Inception network that reads "
+                         f"{args.inception_weights} (pytorch-fid weights) is not implemented. Run without "
+                         "--inception-weights for bits/dim and the classifier Fréchet distance.")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     ckpt = load_checkpoint(args.checkpoint, device=device)
@@ -282,9 +283,6 @@ def evaluate(args: argparse.Namespace) -> EvalReport:
                              f"unbiased estimate, {args.bpd_num_t} random terms + decoder + prior") \
             + f", {len(images)} images"
         report.seconds["bpd"] = time.perf_counter() - t0
-    if args.inception_weights:
-        report.notes.append("FID: the Inception network is not implemented in this build; "
-                            f"{args.inception_weights} was not used (no FID reported)")
     if not args.skip_samples:
         train = load_dataset(spec, cfg.image_size, cfg.in_channels, "train", holdout=args.holdout)
         if train.labels is None:

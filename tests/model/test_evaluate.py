@@ -62,11 +62,11 @@ def test_eval_reports_every_figure_with_its_reference(tmp_path: Path, capsys: py
     ckpt = _checkpoint(tmp_path / "m.safetensors", trained=False)
     args = ["eval", str(ckpt), "--bpd-num-t", "3", "--bpd-images", "40", "--num-samples", "60", "--sample-steps",
             "5", "--classifier-cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"),
-            "--grid", str(tmp_path / "grid.png"), "--inception-weights", str(tmp_path / "pt_inception.pth")]
+            "--grid", str(tmp_path / "grid.png")]
     assert cli(args) == 0
     out = capsys.readouterr().out
     for label in ("bits/dim (held-out)", "classifier FD: samples vs train", "classifier FD: held-out vs train",
-                  "sample class histogram", "Inception network is not implemented"):
+                  "sample class histogram", "held-out class histogram"):
         assert label in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["step"] == 7 and report["num_samples"] == 60 and sum(report["sample_class_histogram"]) == 60
@@ -90,6 +90,10 @@ def test_full_bound_and_estimate_agree_on_average(tmp_path: Path) -> None:
     assert est == pytest.approx(full, abs=4 * err + 0.05 * full)
 
 
-def test_eval_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_refuses_a_missing_checkpoint_and_fid_at_once(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["eval", str(tmp_path / "none.safetensors")]) == 2
     assert "file not found" in capsys.readouterr().err
+    ckpt = _checkpoint(tmp_path / "m.safetensors", trained=False)
+    assert cli(["eval", str(ckpt), "--inception-weights", str(tmp_path / "pt_inception.pth")]) == 2
+    assert "FID is not available in this build" in capsys.readouterr().err

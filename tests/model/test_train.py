@@ -157,3 +157,32 @@ def test_two_processes_with_gloo_compute_the_same_run_as_one(tmp_path: Path) -> 
     assert _train(tmp_path / "single", *args[len(TINY):]) == 0
     # The global batch is split over the ranks and the gradients averaged: the same losses as one process.
     assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)
+
+
+def test_bf16_autocast_trains_and_keeps_float32_weights(tmp_path: Path) -> None:
+    assert _train(tmp_path / "bf16", "--steps", "2", "--precision", "bf16", "--sample-every", "100") == 0
+    losses = _losses(tmp_path / "bf16")
+    assert len(losses) == 2 and all(0.0 < v < 10.0 for v in losses)
+    served = load_checkpoint(tmp_path / "bf16" / "checkpoints" / "ema-00000002.safetensors")
+    assert all(p.dtype == torch.float32 for p in served.unet.parameters())
+
+
+def test_sigterm_stops_after_the_step_with_a_resumable_checkpoint(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "service.cli", "train", *TINY, "--steps", "100000", "--checkpoint-every", "100000",
+           "--sample-every", "100000", "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "training never logged a step"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stop requested" in err
+    states = sorted((run / "checkpoints").glob("state-*.safetensors"))
+    assert len(states) == 1 and int(states[0].stem.split("-")[1]) >= 1
+    assert not list((run / "checkpoints").glob("*.tmp"))  # nothing half-written
