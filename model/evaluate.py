@@ -293,7 +293,7 @@ def evaluate(args: argparse.Namespace) -> EvalReport:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a .safetensors checkpoint written by ddpm train")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="a .safetensors checkpoint")
     parser.add_argument("--dataset", help="dataset spec (default: the one in the checkpoint's metadata)")
     parser.add_argument("--holdout", type=float, default=0.1, help="held-out fraction (digits/folder)")
     parser.add_argument("--bpd-num-t", type=int, default=50, help="random bound terms per image (default 50)")

@@ -60,8 +60,8 @@ def _checkpoint(path: Path, *, trained: bool) -> Path:
 
 def test_eval_reports_every_figure_with_its_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = _checkpoint(tmp_path / "m.safetensors", trained=False)
-    args = ["eval", str(ckpt), "--bpd-num-t", "3", "--bpd-images", "40", "--num-samples", "60", "--sample-steps",
-            "5", "--classifier-cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"),
+    args = ["eval", "--checkpoint", str(ckpt), "--bpd-num-t", "3", "--bpd-images", "40", "--num-samples", "60",
+            "--sample-steps", "5", "--classifier-cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"),
             "--grid", str(tmp_path / "grid.png")]
     assert cli(args) == 0
     out = capsys.readouterr().out
@@ -92,8 +92,8 @@ def test_full_bound_and_estimate_agree_on_average(tmp_path: Path) -> None:
 
 def test_eval_refuses_a_missing_checkpoint_and_fid_at_once(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli(["eval", str(tmp_path / "none.safetensors")]) == 2
+    assert cli(["eval", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert "file not found" in capsys.readouterr().err
     ckpt = _checkpoint(tmp_path / "m.safetensors", trained=False)
-    assert cli(["eval", str(ckpt), "--inception-weights", str(tmp_path / "pt_inception.pth")]) == 2
+    assert cli(["eval", "--checkpoint", str(ckpt), "--inception-weights", str(tmp_path / "pt_inception.pth")]) == 2
     assert "FID is not available in this build" in capsys.readouterr().err
