@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -38,10 +39,12 @@ from redis import Redis
 
 __all__ = [
     "TERMINAL_STATES",
+    "Claim",
     "JobState",
     "JobStore",
     "QueueFull",
     "StoreUnavailable",
+    "WorkerSession",
     "connect",
     "is_valid_job_id",
     "new_job_id",
@@ -323,6 +326,20 @@ class JobStore:
             self.redis.delete(f"ddpm:worker:{worker}")
             self.redis.zrem("ddpm:workers", worker)
 
+    def sync_progress(self, progress: Sequence[tuple[str, int, int, int]], active: Sequence[str]) -> set[str]:
+        """The worker's once-per-step call, one round-trip: write ``(job_id, step, total, t)`` progress records
+        and return which of the ``active`` job ids have a cancel request."""
+        with _translate_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id, step, total, t in progress:
+                pipe.hset(_k(job_id), mapping={"step": step, "total": total, "t": t})
+                self._add_event(pipe, job_id, "progress", {"step": step, "total": total, "t": t})
+            for job_id in active:
+                pipe.exists(_k(job_id, "cancel"))
+            replies = pipe.execute()
+        flags = replies[len(replies) - len(active):] if active else []
+        return {job_id for job_id, flag in zip(active, flags, strict=True) if flag}
+
     # ---- internals -----------------------------------------------------------------------------------------
     def _add_event(self, pipe: Any, job_id: str, event: str, data: dict[str, Any]) -> None:
         pipe.xadd(_k(job_id, "events"), {"event": event, "data": json.dumps(data)},
@@ -349,3 +366,171 @@ class JobStore:
                     return True
                 except redis.WatchError:
                     continue
+
+
+# ---- the worker's side of RQ ------------------------------------------------------------------------------
+@dataclass
+class Claim:
+    """A job a worker took from the queue: RQ's job, queue and execution records, kept until the job ends."""
+
+    job_id: str
+    job: Any
+    queue: Any
+    execution: Any
+    claimed_at: float
+    timeout: int
+
+
+class WorkerSession:
+    """A non-forking worker's use of RQ, for a worker that runs several jobs at once in one process.
+
+    RQ's own ``SimpleWorker`` runs one job per ``perform()``; our worker batches many, so it drives RQ's
+    primitives itself and keeps every record meaning what RQ means by it: the worker is registered (birth,
+    death, heartbeat), a claimed job is ``started`` with an execution in the started registry for as long as
+    it runs, its lease (execution TTL) is ``lease_seconds`` and renewed by ``renew``, and it ends through RQ's
+    own success handling (finished registry, result), failure handling (failed registry, retries when allowed),
+    cancellation (canceled registry) or is handed back to the front of the queue. A worker that dies stops
+    renewing; ``reap_abandoned`` (any live worker runs it) lets RQ retry or fail the job within seconds and
+    brings the job's user-facing state along.
+    """
+
+    def __init__(self, redis_url: str, store: JobStore, name: str, *, lease_seconds: int = 15):
+        from rq.worker import SimpleWorker
+
+        lease = int(lease_seconds)
+
+        class _LeasedWorker(SimpleWorker):
+            def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
+                return lease  # RQ's default is the job timeout + 60 s: far too long to notice a dead worker
+
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=10.0,
+                                      health_check_interval=10)
+        self.store = store
+        self.lease = lease
+        self.name = name
+        self._rq = _LeasedWorker([store.queue_name], name=name, connection=client, worker_ttl=max(lease, 16),
+                                 default_result_ttl=store.ttl)
+        self._lock = threading.Lock()
+        self.claims: dict[str, Claim] = {}
+
+    def register(self) -> None:
+        with _translate_errors():
+            self._rq.register_birth()
+            self._rq.set_state("idle")
+
+    def unregister(self) -> None:
+        with _translate_errors():
+            self._rq.register_death()
+
+    def claim(self, block_seconds: int | None) -> Claim | None:
+        """Take the next queued job (waiting up to ``block_seconds``; None: don't wait) and mark it started."""
+        from rq.exceptions import DequeueTimeout
+
+        rq = self._rq
+        with _translate_errors():
+            try:
+                found = rq.queue_class.dequeue_any(rq.queues, block_seconds, connection=rq.connection,
+                                                   job_class=rq.job_class, serializer=rq.serializer)
+            except DequeueTimeout:
+                return None
+            if found is None:
+                return None
+            job, queue = found
+            execution = rq.prepare_execution(job)
+            rq.prepare_job_execution(job, remove_from_intermediate_queue=True)
+        claim = Claim(job.id, job, queue, execution, time.time(), int(job.timeout or self.store.job_timeout))
+        with self._lock:
+            self.claims[job.id] = claim
+        return claim
+
+    def renew(self) -> None:
+        """Extend the worker's and every claimed job's lease by ``lease_seconds`` (call every few seconds)."""
+        from rq.utils import now
+
+        with self._lock:
+            claims = list(self.claims.values())
+        with _translate_errors(), self._rq.connection.pipeline() as pipe:
+            self._rq.heartbeat(self.lease + 60, pipeline=pipe)
+            for c in claims:
+                c.execution.heartbeat(c.job.started_job_registry, self.lease, pipeline=pipe)
+                c.job.heartbeat(now(), self.lease, pipeline=pipe, xx=True)
+            pipe.execute()
+
+    def _release(self, job_id: str) -> Claim | None:
+        with self._lock:
+            claim = self.claims.pop(job_id, None)
+            idle = not self.claims
+        if idle:
+            self._rq.set_state("idle")
+        return claim
+
+    def complete(self, job_id: str, result: dict[str, Any]) -> None:
+        """The job succeeded: RQ's success path (finished registry, result kept for the job TTL)."""
+        claim = self._release(job_id)
+        if claim is None:
+            return
+        with _translate_errors():
+            self._rq._finalize_success(claim.job, claim.queue, claim.execution, result)
+
+    def fail(self, job_id: str, message: str, *, retry: bool = False) -> None:
+        """The job failed: RQ's failure path (failed registry). ``retry``: use one of its retries, if any."""
+        from rq.job import JobStatus
+
+        claim = self._release(job_id)
+        if claim is None:
+            return
+        job = claim.job
+        if not retry:
+            job.retries_left = 0  # a request the model can't serve fails the same way every time
+        with _translate_errors():
+            job._status = JobStatus.FAILED
+            self._rq.handle_execution_ended(job, claim.queue, job.failure_callback_timeout)
+            self._rq.handle_job_failure(job, claim.queue, exc_string=message, execution=claim.execution)
+
+    def cancel(self, job_id: str) -> None:
+        """The job was canceled: its execution ends and RQ's job moves to the canceled registry."""
+        from rq.exceptions import InvalidJobOperation
+
+        claim = self._release(job_id)
+        if claim is None:
+            return
+        with _translate_errors():
+            with self._rq.connection.pipeline() as pipe:
+                self._rq.cleanup_execution(claim.job, pipe, claim.execution)
+                pipe.execute()
+            with suppress(InvalidJobOperation):
+                claim.job.cancel()
+
+    def hand_back(self, job_id: str) -> None:
+        """Put a claimed job back at the front of the queue (worker stopping), without using a retry."""
+        claim = self._release(job_id)
+        if claim is None:
+            return
+        with _translate_errors():
+            claim.job.started_at = None
+            claim.queue.enqueue_job(claim.job, at_front=True)  # first: a crash now leaves it queued, not lost
+            with self._rq.connection.pipeline() as pipe:
+                self._rq.cleanup_execution(claim.job, pipe, claim.execution)
+                pipe.execute()
+
+    def reap_abandoned(self) -> list[str]:
+        """Jobs whose worker stopped renewing its lease: RQ retries them (if they have retries left) or moves
+        them to the failed registry; their user-facing state follows. Returns the job ids handled."""
+        from rq.job import JobStatus
+
+        with _translate_errors():
+            queue = self._rq.queues[0]
+            registry = queue.started_job_registry
+            expired = [j for j in registry.get_expired_job_ids() if j not in self.claims]
+            if not expired:
+                return []
+            registry.cleanup()
+            for job_id in expired:
+                rq_job = queue.fetch_job(job_id)
+                status = rq_job.get_status(refresh=False) if rq_job is not None else None
+                if status in (JobStatus.QUEUED, JobStatus.SCHEDULED):
+                    self.store.requeued(job_id, "its worker stopped responding; it will run again")
+                else:
+                    self.store.fail(job_id, "worker_lost", "the worker running this job stopped responding and "
+                                                           "its retries are used up; submit the request again")
+        return expired

@@ -1,7 +1,10 @@
-"""Service fixtures: a real redis-server on a free port, and a tiny random-weight checkpoint."""
+"""Service fixtures: a real redis-server on a free port, a tiny random-weight checkpoint, real worker processes."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -101,3 +104,67 @@ def make_api(redis_url: str, tiny_checkpoint: Path) -> Iterator[Callable[..., Ap
 def api_server(make_api: Callable[..., ApiServer]) -> ApiServer:
     """The API with default limits, no auth, on the test Redis, serving ``tiny`` (T=40)."""
     return make_api()
+
+
+class WorkerProcess:
+    """A real ``ddpm worker`` subprocess (see the ``worker_process`` fixture)."""
+
+    def __init__(self, args: list[str], metrics_port: int, name: str, log_path: Path):
+        self.args, self.metrics_port, self.name, self.log_path = args, metrics_port, name, log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, redis_url: str, timeout: float = 90.0) -> WorkerProcess:
+        """Until the worker's heartbeat shows (models loaded, loop running)."""
+        client = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + timeout
+        try:
+            while not client.exists(f"ddpm:worker:{self.name}"):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()}")
+                time.sleep(0.1)
+        finally:
+            client.close()
+        return self
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for a clean exit (SIGKILL after ``timeout``); returns the exit status."""
+        self.signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def worker_process(redis_url: str, tiny_checkpoint: Path, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: ``worker_process(*extra_args)`` starts a real ``ddpm worker`` on the tiny checkpoint (model
+    name ``tiny``) against ``redis_url``, waits until it is ready, and stops it (SIGTERM) after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(*extra: str, ready: bool = True) -> WorkerProcess:
+        name = f"test-worker-{len(started)}"
+        port = free_port()
+        args = [sys.executable, "-m", "service.cli", "worker", "--redis-url", redis_url, "--checkpoint",
+                f"tiny={tiny_checkpoint}", "--device", "cpu", "--metrics-port", str(port), "--metrics-host",
+                "127.0.0.1", "--name", name, *extra]
+        proc = WorkerProcess(args, port, name, tmp_path / f"{name}.log")
+        started.append(proc)
+        return proc.wait_ready(redis_url) if ready else proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,418 @@
+"""``ddpm worker``: a resident-model generation worker that batches the jobs it runs.
+
+Start-up loads every served checkpoint once (CUDA when present), warms it up, registers with RQ and starts a
+heartbeat thread and the metrics/health server. The main thread is the *denoising thread*:
+
+    loop:  admit queued jobs while the batch has room (block briefly only when idle)
+           engine.tick()       one U-Net forward for all active jobs + one Redis round-trip (progress, cancels)
+
+Everything slow or blocking that is not the forward (PNG encoding, frame and result writes, RQ bookkeeping of
+finished jobs) runs on ``previews.Lanes``, in order per job. The worker process never forks (CUDA cannot be
+re-initialised in a forked child): it drives RQ through ``queue.WorkerSession``.
+
+Stopping (SIGTERM/SIGINT): no new jobs; active jobs keep stepping for up to ``--stop-grace`` seconds, then the
+rest are handed back to the front of the queue (status ``queued`` again); a second signal hands back at once.
+Every job's writes are drained before exit, so none is half-written; the exit status is 0.
+
+This module adapts the engine to Redis; it knows no HTTP routes beyond its own /metrics and /healthz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any, TypeVar
+
+import torch
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import metrics
+from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel
+from service.previews import Lanes, encode_frame, encode_images
+from service.queue import JobState, JobStore, StoreUnavailable, WorkerSession, connect
+from service.settings import Settings, get_settings, parse_checkpoints
+
+__all__ = ["StoreSink", "Worker", "configure_parser", "main", "run_job"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_TTL_SECONDS = 15
+LOOP_STALL_SECONDS = 120.0  # /healthz fails when the loop has not come round for this long
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def _retrying(fn: Callable[[], T], what: str, attempts: int = 30) -> T:
+    """Run a store write, waiting out a short Redis outage (about ``attempts`` seconds) before giving up."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except StoreUnavailable:
+            if i == attempts - 1:
+                raise
+            log.warning("Redis unavailable while %s; retrying", what)
+            metrics.WORKER_ERRORS.labels("redis").inc()
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+class StoreSink:
+    """The engine's sink: progress and cancel checks in one round-trip; everything else on the job's lane."""
+
+    def __init__(self, store: JobStore, lanes: Lanes, session: WorkerSession | None = None):
+        self.store, self.lanes, self.session = store, lanes, session
+        self._running: dict[str, tuple[str, float]] = {}  # job id -> (model, monotonic start)
+        self.outcomes: dict[str, str] = {}  # terminal state per job, for run_job
+
+    def began(self, job_id: str, model: str) -> None:
+        self._running[job_id] = (model, time.monotonic())
+
+    def _finished(self, job_id: str, status: str, images: int = 0) -> None:
+        model, started = self._running.pop(job_id, ("unknown", time.monotonic()))
+        metrics.JOBS_FINISHED.labels(model, status).inc()
+        metrics.JOB_RUN_DURATION.labels(model, status).observe(time.monotonic() - started)
+        if images:
+            metrics.IMAGES_GENERATED.labels(model).inc(images)
+        self.outcomes[job_id] = status
+
+    def sync(self, progress: Sequence[Progress], active: Sequence[str]) -> set[str]:
+        return self.store.sync_progress([(p.job_id, p.step, p.total, p.t) for p in progress], active)
+
+    def frame(self, job_id: str, step: int, t: int, x0_hat: torch.Tensor) -> None:
+        x = x0_hat.detach().cpu()  # the one host<->device copy of a step, on preview steps only
+        self.lanes.submit(job_id, lambda: _retrying(
+            lambda: self.store.add_frame(job_id, step, t, encode_frame(x)), "storing a frame"))
+
+    def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
+        x = images.detach().cpu()
+
+        def task() -> None:
+            pngs = encode_images(x)
+            _retrying(lambda: self.store.progress(job_id, last.step, last.total, last.t), "writing progress")
+            if _retrying(lambda: self.store.succeed(job_id, pngs), "storing the images"):
+                self._finished(job_id, JobState.SUCCEEDED.value, len(pngs))
+                if self.session:
+                    self.session.complete(job_id, {"status": "succeeded", "images": len(pngs)})
+            else:  # canceled between its last step and now: the cancel wins
+                self._finished(job_id, JobState.CANCELED.value)
+                if self.session:
+                    self.session.cancel(job_id)
+
+        self.lanes.submit(job_id, task)
+
+    def canceled(self, job_id: str) -> None:
+        def task() -> None:
+            _retrying(lambda: self.store.mark_canceled(job_id), "marking the job canceled")
+            self._finished(job_id, JobState.CANCELED.value)
+            if self.session:
+                self.session.cancel(job_id)
+
+        self.lanes.submit(job_id, task)
+
+    def failed(self, job_id: str, code: str, message: str) -> None:
+        metrics.WORKER_ERRORS.labels(f"job_{code}").inc()
+
+        def task() -> None:
+            _retrying(lambda: self.store.fail(job_id, code, message), "recording the failure")
+            self._finished(job_id, JobState.FAILED.value)
+            if self.session:
+                self.session.fail(job_id, f"{code}: {message}")
+
+        self.lanes.submit(job_id, task)
+
+    def handed_back(self, job_id: str, reason: str) -> None:
+        def task() -> None:
+            self._running.pop(job_id, None)
+            self.outcomes[job_id] = JobState.QUEUED.value
+            _retrying(lambda: self.store.requeued(job_id, reason), "handing the job back")
+            if self.session:
+                self.session.hand_back(job_id)
+
+        self.lanes.submit(job_id, task)
+
+
+class Worker:
+    """One worker process: models, engine, RQ session, heartbeat thread, metrics server, signals."""
+
+    def __init__(self, settings: Settings, *, name: str | None = None, device: str | None = None,
+                 batch_invariant: bool | None = None, stop_grace: float = 10.0, lease_seconds: int = 15):
+        self.settings = settings
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.device = pick_device(device or settings.device)
+        self.batch_invariant = self.device.type == "cpu" if batch_invariant is None else batch_invariant
+        self.stop_grace = stop_grace
+        self.store = JobStore(connect(settings.redis_url, timeout=5.0), queue_name=settings.queue_name,
+                              ttl_seconds=settings.job_ttl_seconds, job_timeout_seconds=settings.job_timeout_seconds)
+        self.session = WorkerSession(settings.redis_url, self.store, self.name, lease_seconds=lease_seconds)
+        self.lanes = Lanes(threads=2, on_error=lambda exc: metrics.WORKER_ERRORS.labels("background").inc())
+        self.sink = StoreSink(self.store, self.lanes, self.session)
+        self.models: dict[str, ServedModel] = {}
+        self.engine: Engine | None = None
+        self.loop_alive_at = 0.0
+        self._stop_at: float | None = None
+        self._force_stop = False
+        self._done = threading.Event()
+
+    # ---- start-up --------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        for name, path in self.settings.checkpoints.items():
+            log.info("loading model %s from %s on %s", name, path, self.device)
+            model = ServedModel.load(name, path, self.device, batch_invariant=self.batch_invariant)
+            model.warm_up()
+            self.models[name] = model
+        self.engine = Engine(self.models, self.sink, max_batch_size=self.settings.max_batch_size)
+        metrics.WORKER_MODEL_LOADED.set(1)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "models": list(self.models), "device": str(self.device),
+                "max_batch_size": self.settings.max_batch_size, "pid": os.getpid()}
+
+    def healthy(self) -> bool:
+        return bool(self.models) and time.monotonic() - self.loop_alive_at < LOOP_STALL_SECONDS
+
+    # ---- signals ---------------------------------------------------------------------------------------------
+    def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
+        if self._stop_at is None:
+            log.info("signal %d: taking no new jobs; finishing active ones for up to %.0f s", signum,
+                     self.stop_grace)
+            self._stop_at = time.monotonic()
+        else:
+            log.info("signal %d again: handing active jobs back now", signum)
+            self._force_stop = True
+
+    def _stopping_now(self) -> bool:
+        if self._stop_at is None:
+            return False
+        return self._force_stop or time.monotonic() - self._stop_at >= self.stop_grace
+
+    # ---- the denoising thread ------------------------------------------------------------------------------
+    def run(self) -> int:
+        assert self.engine is not None, "call load() first"
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        self.session.register()
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            self._loop(self.engine)
+        finally:
+            handed = self.engine.hand_back_all("the worker stopped before finishing it; it will run again")
+            if handed:
+                log.info("handed back %d job(s): %s", len(handed), ", ".join(handed))
+            self.lanes.close()
+            self._done.set()
+            beat.join(timeout=HEARTBEAT_SECONDS + 1)
+            self._goodbye()
+        return 0
+
+    def _loop(self, engine: Engine) -> None:
+        backoff = 0.5
+        while True:
+            self.loop_alive_at = time.monotonic()
+            if self._stop_at is not None and (engine.idle or self._stopping_now()):
+                return
+            try:
+                if self._stop_at is None:
+                    self._admit(engine)
+                if not engine.idle:
+                    self._expire_overdue(engine)
+                    self._observe(engine.tick())
+                metrics.WORKER_ACTIVE_JOBS.set(len(engine.job_ids))
+                backoff = 0.5
+            except StoreUnavailable as exc:
+                metrics.WORKER_ERRORS.labels("redis").inc()
+                log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _admit(self, engine: Engine) -> None:
+        """Claim queued jobs while the batch has room: wait up to 1 s for one when idle, never when busy."""
+        while engine.has_room() and self._stop_at is None:
+            claim = self.session.claim(1 if engine.idle else None)
+            if claim is None:
+                return
+            self._begin(engine, claim.job_id)
+
+    def _begin(self, engine: Engine, job_id: str) -> None:
+        record = self.store.start(job_id, self.name)
+        if record is None:  # canceled while queued, or already finished
+            self.session.cancel(job_id)
+            return
+        if record.get("created_at") and record.get("started_at"):
+            metrics.JOB_QUEUE_WAIT.labels(record["model"]).observe(record["started_at"] - record["created_at"])
+        self.sink.began(job_id, record["model"] or "unknown")
+        try:
+            engine.add(JobSpec.from_request(job_id, record["model"] or "", record["request"] or {}))
+        except JobRejected as exc:
+            log.info("job %s rejected: %s", job_id, exc)
+            self.sink.failed(job_id, exc.code, exc.message)
+
+    def _expire_overdue(self, engine: Engine) -> None:
+        now = time.time()
+        for job_id, claim in list(self.session.claims.items()):
+            if now - claim.claimed_at > claim.timeout and engine.remove(job_id) is not None:
+                self.sink.failed(job_id, "timeout", f"the job ran longer than the {claim.timeout} s limit; "
+                                                    "ask for fewer images or steps")
+
+    def _observe(self, stats: Any) -> None:
+        for model, (images, _seconds) in stats.per_model.items():
+            metrics.STEP_DURATION.labels(model).observe(stats.total_s)
+            metrics.STEP_BATCH_SIZE.labels(model).observe(images)
+
+    # ---- liveness --------------------------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.store.heartbeat(self.name, self.info(), ttl_seconds=HEARTBEAT_TTL_SECONDS)
+                self.session.renew()
+                self.session.reap_abandoned()
+            except StoreUnavailable as exc:
+                metrics.WORKER_ERRORS.labels("redis").inc()
+                log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                metrics.WORKER_ERRORS.labels("heartbeat").inc()
+                log.exception("heartbeat failed")
+            self._done.wait(HEARTBEAT_SECONDS)
+
+    def _goodbye(self) -> None:
+        try:
+            self.store.worker_gone(self.name)
+            self.session.unregister()
+        except StoreUnavailable as exc:
+            log.warning("could not unregister (Redis unavailable: %s)", exc)
+        metrics.WORKER_MODEL_LOADED.set(0)
+
+
+# ---- /metrics and /healthz ---------------------------------------------------------------------------------
+def serve_metrics(worker: Worker, host: str, port: int) -> ThreadingHTTPServer:
+    """Start the worker's HTTP server in a daemon thread: GET /metrics (Prometheus), GET /healthz."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest())
+            elif path == "/healthz":
+                ok = worker.healthy()
+                body = b'{"status":"ok"}' if ok else b'{"status":"starting or stalled"}'
+                self._send(200 if ok else 503, "application/json", body)
+            else:
+                self._send(404, "application/json", b'{"error":{"code":"not_found","message":"no such path"}}')
+
+        def _send(self, status: int, ctype: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("metrics server: " + format, *args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+# ---- RQ's job function ---------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _standalone_models() -> Mapping[str, ServedModel]:
+    settings = get_settings()
+    device = pick_device(settings.device)
+    return {name: ServedModel.load(name, path, device, batch_invariant=device.type == "cpu")
+            for name, path in settings.checkpoints.items()}
+
+
+def run_job(job_id: str) -> dict[str, Any]:
+    """The function every queued RQ job names. ``ddpm worker`` never calls it (it batches jobs itself and
+    completes them through RQ's records); a plain RQ ``SimpleWorker`` on our queue does, and gets the same job
+    run alone in-process, with models loaded once from the settings. Raises when the job fails."""
+    settings = get_settings()
+    store = JobStore(connect(settings.redis_url, timeout=5.0), queue_name=settings.queue_name,
+                     ttl_seconds=settings.job_ttl_seconds)
+    lanes = Lanes(threads=2)
+    sink = StoreSink(store, lanes)
+    engine = Engine(_standalone_models(), sink, max_batch_size=settings.max_batch_size)
+    record = store.start(job_id, f"rq-{os.getpid()}")
+    if record is None:
+        return {"status": "canceled"}
+    sink.began(job_id, record["model"] or "unknown")
+    try:
+        engine.add(JobSpec.from_request(job_id, record["model"] or "", record["request"] or {}))
+    except JobRejected as exc:
+        sink.failed(job_id, exc.code, exc.message)
+    while not engine.idle:
+        engine.tick()
+    lanes.close()
+    outcome = sink.outcomes.get(job_id, "failed")
+    if outcome == JobState.FAILED.value:
+        raise RuntimeError((store.get(job_id) or {}).get("error") or "the job failed")
+    return {"status": outcome}
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="Redis URL (env DDPM_REDIS_URL)")
+    parser.add_argument("--checkpoint", action="append", metavar="NAME=FILE",
+                        help="a checkpoint to serve; repeatable, the first is the default (env DDPM_CHECKPOINTS)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the U-Net runs (env DDPM_DEVICE)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="port of /metrics and /healthz, 0 disables (env DDPM_WORKER_METRICS_PORT; 9100)")
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
+    parser.add_argument("--max-batch-size", type=int,
+                        help="most images in one U-Net forward, across jobs (env DDPM_MAX_BATCH_SIZE)")
+    parser.add_argument("--name", help="worker name (default: host-pid)")
+    parser.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
+                        help="pad lone images so results never depend on the batch (auto: on for CPU)")
+    parser.add_argument("--stop-grace", type=float, default=10.0,
+                        help="seconds to keep running active jobs after SIGTERM before handing them back")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for flag, field in (("redis_url", "redis_url"), ("device", "device"), ("metrics_port", "worker_metrics_port"),
+                        ("max_batch_size", "max_batch_size")):
+        if getattr(args, flag, None) is not None:
+            overrides[field] = getattr(args, flag)
+    if args.checkpoint:
+        overrides["checkpoints"] = parse_checkpoints(args.checkpoint)
+    return Settings(**overrides)  # flags win over the environment
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    invariant = {"auto": None, "on": True, "off": False}[args.batch_invariant]
+    worker = Worker(settings, name=args.name, batch_invariant=invariant, stop_grace=args.stop_grace)
+    server = None
+    if settings.worker_metrics_port:
+        server = serve_metrics(worker, args.metrics_host, settings.worker_metrics_port)
+    try:
+        worker.load()
+    except Exception as exc:
+        log.error("could not load the models: %s", exc)
+        return 1
+    log.info("worker %s ready on %s: models %s, max batch %d images, batch-invariant %s", worker.name,
+             worker.device, list(worker.models), settings.max_batch_size, worker.batch_invariant)
+    try:
+        return worker.run()
+    finally:
+        if server is not None:
+            server.shutdown()

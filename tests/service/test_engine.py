@@ -1,0 +1,194 @@
+"""The batching engine in-process on the tiny checkpoint: what batching must never change (a job's images),
+what it must guarantee (bounded batches, first come first served, no starvation, per-job cancel and failure),
+with a sink that records what the worker would have written."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel
+
+
+@dataclass
+class RecordingSink:
+    """Records every call; ``cancel`` holds the ids whose cancellation is asked for."""
+
+    cancel: set[str] = field(default_factory=set)
+    events: list[tuple[str, str]] = field(default_factory=list)  # (kind, job id), in call order
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    frames: dict[str, list[int]] = field(default_factory=dict)
+    progress: list[Progress] = field(default_factory=list)
+    errors: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def sync(self, progress: Sequence[Progress], active: Sequence[str]) -> set[str]:
+        self.progress.extend(progress)
+        return self.cancel & set(active)
+
+    def frame(self, job_id: str, step: int, t: int, x0_hat: torch.Tensor) -> None:
+        self.frames.setdefault(job_id, []).append(step)
+
+    def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
+        self.events.append(("succeeded", job_id))
+        self.images[job_id] = images.clone()
+
+    def canceled(self, job_id: str) -> None:
+        self.events.append(("canceled", job_id))
+
+    def failed(self, job_id: str, code: str, message: str) -> None:
+        self.events.append(("failed", job_id))
+        self.errors[job_id] = (code, message)
+
+    def handed_back(self, job_id: str, reason: str) -> None:
+        self.events.append(("handed_back", job_id))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint: Path) -> ServedModel:
+    return ServedModel.load("tiny", str(tiny_checkpoint), "cpu", batch_invariant=True)
+
+
+def spec(job_id: str, **kw: object) -> JobSpec:
+    fields: dict[str, object] = {"model": "tiny", "num_images": 1, "seed": 0, "steps": 10, "preview_every": 0}
+    fields.update(kw)
+    return JobSpec(job_id=job_id, **fields)  # type: ignore[arg-type]
+
+
+def run(engine: Engine, max_ticks: int = 1000) -> list[int]:
+    """Tick until idle; returns the images in each tick's forward."""
+    sizes = []
+    while not engine.idle and len(sizes) < max_ticks:
+        sizes.append(engine.tick().images)
+    return sizes
+
+
+def test_a_jobs_images_are_identical_alone_or_batched_with_others(tiny: ServedModel) -> None:
+    alone = RecordingSink()
+    engine = Engine({"tiny": tiny}, alone)
+    engine.add(spec("a", seed=5, steps=12))
+    run(engine)
+
+    batched = RecordingSink()
+    engine = Engine({"tiny": tiny}, batched, max_batch_size=16)
+    engine.add(spec("b", num_images=3, seed=9, steps=40, sampler="ddim", eta=0.5))
+    engine.tick()
+    engine.tick()  # "a" joins mid-way through "b", and "c" after it: every tick has a different mix
+    engine.add(spec("a", seed=5, steps=12))
+    engine.tick()
+    engine.add(spec("c", num_images=2, seed=1, steps=20, variance="fixedsmall"))
+    sizes = run(engine)
+    assert max(sizes) == 6 and min(sizes) < 6  # "a" ran in batches of several sizes
+    assert torch.equal(batched.images["a"], alone.images["a"])  # bit for bit
+
+
+def test_image_i_is_the_same_whatever_num_images(tiny: ServedModel) -> None:
+    sink = RecordingSink()
+    engine = Engine({"tiny": tiny}, sink)
+    engine.add(spec("one", seed=3, num_images=1))
+    engine.add(spec("four", seed=3, num_images=4))
+    run(engine)
+    assert torch.equal(sink.images["four"][:1], sink.images["one"])
+    assert not torch.equal(sink.images["four"][1], sink.images["four"][0])
+
+
+def test_batches_are_bounded_and_first_come_first_served(tiny: ServedModel) -> None:
+    sink = RecordingSink()
+    engine = Engine({"tiny": tiny}, sink, max_batch_size=4)
+    engine.add(spec("first", num_images=3, steps=6))
+    engine.add(spec("second", num_images=2, steps=3))  # doesn't fit beside "first": waits
+    engine.add(spec("third", num_images=1, steps=3))  # fits in the space left
+    sizes = run(engine)
+    assert max(sizes) <= 4
+    assert [job for kind, job in sink.events] == ["third", "first", "second"]
+    assert sizes == [4, 4, 4, 3, 3, 3, 2, 2, 2]
+
+
+def test_a_job_larger_than_the_batch_runs_alone(tiny: ServedModel) -> None:
+    sink = RecordingSink()
+    engine = Engine({"tiny": tiny}, sink, max_batch_size=2)
+    engine.add(spec("big", num_images=3, steps=2))
+    engine.add(spec("small", num_images=1, steps=2))
+    assert run(engine) == [3, 3, 1, 1]
+
+
+def test_a_short_job_behind_a_long_one_finishes_first(tiny: ServedModel) -> None:
+    sink = RecordingSink()
+    engine = Engine({"tiny": tiny}, sink, max_batch_size=8)
+    engine.add(spec("long", num_images=4, steps=40))
+    engine.tick()
+    engine.add(spec("short", num_images=1, steps=5))
+    run(engine)
+    assert [job for _, job in sink.events] == ["short", "long"]
+
+
+def test_cancel_stops_a_job_within_one_step_and_spares_the_others(tiny: ServedModel) -> None:
+    sink = RecordingSink()
+    engine = Engine({"tiny": tiny}, sink)
+    engine.add(spec("stay", steps=6))
+    engine.add(spec("go", steps=6))
+    engine.tick()
+    sink.cancel.add("go")
+    engine.tick()  # "go" steps once more, then the sync after the step reports the cancel
+    assert engine.job_ids == ["stay"]
+    run(engine)
+    assert sink.events == [("canceled", "go"), ("succeeded", "stay")]
+    assert max(p.step for p in sink.progress if p.job_id == "go") <= 2
+
+
+def test_frames_at_preview_steps_and_the_last(tiny: ServedModel) -> None:
+    sink = RecordingSink()
+    engine = Engine({"tiny": tiny}, sink, progress_interval=3600)
+    engine.add(spec("p", steps=10, preview_every=4))
+    engine.add(spec("last-only", steps=5, preview_every=0))
+    run(engine)
+    assert sink.frames == {"p": [1, 5, 9, 10], "last-only": [5]}
+    # throttled progress still lands on every preview step (the last one goes with the images)
+    assert [p.step for p in sink.progress if p.job_id == "p"] == [1, 5, 9]
+
+
+def test_requests_the_model_cannot_serve_are_rejected(tiny: ServedModel) -> None:
+    engine = Engine({"tiny": tiny}, RecordingSink())
+    with pytest.raises(JobRejected, match=r"T=40, so steps must be 1\.\.40") as err:
+        engine.add(spec("x", steps=41))
+    assert err.value.code == "invalid_request"
+    with pytest.raises(JobRejected, match="serves \\['tiny'\\]"):
+        engine.add(spec("y", model="cifar10"))
+    with pytest.raises(JobRejected, match="sampler"):
+        engine.add(spec("z", sampler="euler"))
+    with pytest.raises(JobRejected, match="malformed"):
+        JobSpec.from_request("w", "tiny", {"num_images": "two", "seed": 1, "steps": 3})
+    assert engine.idle
+
+
+def test_a_failing_forward_fails_its_jobs_and_the_engine_goes_on(tiny: ServedModel,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = RecordingSink()
+    engine = Engine({"tiny": tiny}, sink)
+    engine.add(spec("doomed", steps=3))
+
+    def broken(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(tiny, "forward", broken)
+    engine.tick()
+    monkeypatch.undo()
+    assert sink.events == [("failed", "doomed")]
+    code, message = sink.errors["doomed"]
+    assert code == "internal" and "out of memory" in message and "fewer images" in message
+    engine.add(spec("fine", steps=3))
+    run(engine)
+    assert sink.events[-1] == ("succeeded", "fine")
+
+
+def test_hand_back_all_empties_the_engine(tiny: ServedModel) -> None:
+    sink = RecordingSink()
+    engine = Engine({"tiny": tiny}, sink)
+    engine.add(spec("a"))
+    engine.add(spec("b"))
+    engine.tick()
+    assert engine.hand_back_all("stopping") == ["a", "b"]
+    assert engine.idle and sink.events == [("handed_back", "a"), ("handed_back", "b")]
