@@ -120,12 +120,13 @@ class JobStore:
     ``start``, ``progress``, ``add_frame``, ``succeed``, ``fail``, ``mark_canceled``, ``heartbeat``."""
 
     def __init__(self, client: Redis, *, queue_name: str = "ddpm", ttl_seconds: int = 86400,
-                 job_timeout_seconds: int = 3600, stream_maxlen: int = 2000):
+                 job_timeout_seconds: int = 3600, stream_maxlen: int = 2000, max_retries: int = 1):
         self.redis: Any = client  # redis-py's stubs type replies too loosely to help here
         self.queue_name = queue_name
         self.ttl = ttl_seconds
         self.job_timeout = job_timeout_seconds
         self.stream_maxlen = stream_maxlen
+        self.max_retries = max_retries  # runs after the first when a worker dies mid-job (RQ's Retry)
 
     # ---- RQ -----------------------------------------------------------------------------------------------
     def rq_queue(self) -> Any:
@@ -166,9 +167,12 @@ class JobStore:
             pipe.expire(_k(job_id), self.ttl)
             self._add_event(pipe, job_id, "queued", {"status": "queued"})
             pipe.execute()
+            from rq import Retry
+
             self.rq_queue().enqueue(
                 RUN_JOB_FUNCTION, job_id, job_id=job_id, job_timeout=self.job_timeout,
                 result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"generate {model}",
+                retry=Retry(max=self.max_retries) if self.max_retries > 0 else None,
             )
             return job_id
 
@@ -515,22 +519,24 @@ class WorkerSession:
 
     def reap_abandoned(self) -> list[str]:
         """Jobs whose worker stopped renewing its lease: RQ retries them (if they have retries left) or moves
-        them to the failed registry; their user-facing state follows. Returns the job ids handled."""
+        them to the failed registry; their user-facing state is moved first, so a worker that picks up the
+        retry finds the job ``queued``. Returns the job ids handled."""
         from rq.job import JobStatus
 
         with _translate_errors():
             queue = self._rq.queues[0]
             registry = queue.started_job_registry
             expired = [j for j in registry.get_expired_job_ids() if j not in self.claims]
-            if not expired:
-                return []
-            registry.cleanup()
+            if not expired or not self.store.redis.set("ddpm:reaper", self.name, nx=True, ex=self.lease):
+                return []  # nothing to do, or another worker is on it
             for job_id in expired:
                 rq_job = queue.fetch_job(job_id)
-                status = rq_job.get_status(refresh=False) if rq_job is not None else None
-                if status in (JobStatus.QUEUED, JobStatus.SCHEDULED):
+                if rq_job is None or rq_job.get_status(refresh=False) != JobStatus.STARTED:
+                    continue  # RQ leaves these alone too
+                if rq_job.retries_left:
                     self.store.requeued(job_id, "its worker stopped responding; it will run again")
                 else:
                     self.store.fail(job_id, "worker_lost", "the worker running this job stopped responding and "
                                                            "its retries are used up; submit the request again")
+            registry.cleanup()
         return expired

@@ -46,7 +46,7 @@ __all__ = ["StoreSink", "Worker", "configure_parser", "main", "run_job"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_SECONDS = 5.0  # at most; a third of the job lease when that is shorter
 HEARTBEAT_TTL_SECONDS = 15
 LOOP_STALL_SECONDS = 120.0  # /healthz fails when the loop has not come round for this long
 
@@ -158,6 +158,7 @@ class Worker:
         self.device = pick_device(device or settings.device)
         self.batch_invariant = self.device.type == "cpu" if batch_invariant is None else batch_invariant
         self.stop_grace = stop_grace
+        self.beat_every = min(HEARTBEAT_SECONDS, lease_seconds / 3)
         self.store = JobStore(connect(settings.redis_url, timeout=5.0), queue_name=settings.queue_name,
                               ttl_seconds=settings.job_ttl_seconds, job_timeout_seconds=settings.job_timeout_seconds)
         self.session = WorkerSession(settings.redis_url, self.store, self.name, lease_seconds=lease_seconds)
@@ -218,7 +219,7 @@ class Worker:
                 log.info("handed back %d job(s): %s", len(handed), ", ".join(handed))
             self.lanes.close()
             self._done.set()
-            beat.join(timeout=HEARTBEAT_SECONDS + 1)
+            beat.join(timeout=self.beat_every + 1)
             self._goodbye()
         return 0
 
@@ -289,7 +290,7 @@ class Worker:
             except Exception:
                 metrics.WORKER_ERRORS.labels("heartbeat").inc()
                 log.exception("heartbeat failed")
-            self._done.wait(HEARTBEAT_SECONDS)
+            self._done.wait(self.beat_every)
 
     def _goodbye(self) -> None:
         try:
@@ -384,6 +385,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="pad lone images so results never depend on the batch (auto: on for CPU)")
     parser.add_argument("--stop-grace", type=float, default=10.0,
                         help="seconds to keep running active jobs after SIGTERM before handing them back")
+    parser.add_argument("--lease-seconds", type=int, default=15,
+                        help="a job whose worker has not renewed it for this long is retried or failed")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -400,7 +403,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     invariant = {"auto": None, "on": True, "off": False}[args.batch_invariant]
-    worker = Worker(settings, name=args.name, batch_invariant=invariant, stop_grace=args.stop_grace)
+    worker = Worker(settings, name=args.name, batch_invariant=invariant, stop_grace=args.stop_grace,
+                    lease_seconds=args.lease_seconds)
     server = None
     if settings.worker_metrics_port:
         server = serve_metrics(worker, args.metrics_host, settings.worker_metrics_port)

@@ -232,3 +232,20 @@ def test_rq_records_say_what_happened(worker_process: StartWorker, store: JobSto
     result = bad_job.latest_result()
     assert result is not None and "invalid_request" in (result.exc_string or "")
     assert set(rq_registries(store)["finished"]) == {ok}
+
+
+def test_a_job_whose_worker_dies_is_retried_by_another_within_seconds(worker_process: StartWorker,
+                                                                       store: JobStore) -> None:
+    doomed = worker_process("--lease-seconds", "3")
+    job_id = submit(store, num_images=4, steps=40, preview_every=0)
+    assert wait_for(store, job_id, {JobState.RUNNING})["worker"] == doomed.name
+    doomed.signal(signal.SIGKILL)
+    doomed.proc.wait(10)
+    rescuer = worker_process("--lease-seconds", "3")
+    rec = wait_for(store, job_id, timeout=60)
+    assert rec["status"] == "succeeded" and rec["worker"] == rescuer.name and rec["attempt"] == 2
+    reasons = [e.data.get("reason", "") for e in store.events(job_id) if e.event == "queued"]
+    assert "stopped responding" in reasons[-1]
+    q = Queue(store.queue_name, connection=store.redis)
+    rq_job = q.fetch_job(job_id)
+    assert rq_job is not None and rq_job.get_status() == "finished" and rq_job.retries_left == 0
