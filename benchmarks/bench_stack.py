@@ -9,8 +9,10 @@
 
     .venv/bin/python benchmarks/bench_stack.py [--checkpoint FILE] [--steps 100] [--num-images 4]
 
-Without ``--checkpoint`` it uses the demo checkpoint if present, else a random-weight ``digits``-preset model
-(same compute per step as the demo). Output: one JSON object on stdout.
+Both sides use ``--threads`` torch threads (default 1: on a small shared machine, oversubscribed intra-op
+threads slow both sides by an order of magnitude and bury the overhead in noise). Without ``--checkpoint`` it
+uses the demo checkpoint if present, else a random-weight ``digits``-preset model (the demo's compute per step).
+Output: one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -48,28 +50,32 @@ def random_checkpoint(path: Path) -> Path:
     return path
 
 
-def time_direct(checkpoint: Path, steps: int, num_images: int, seed: int, repeats: int) -> list[float]:
-    """The sampler called in this process: the floor the stack is compared with."""
-    loaded = load_checkpoint(checkpoint)
-    meta = loaded.metadata
-    shape = (meta["channels"], meta["image_size"], meta["image_size"])
-    out = []
-    for _ in range(repeats + 1):  # the first run warms up
+class Direct:
+    """The sampler called in this process: the floor the stack is compared with (same inference set-up as the
+    worker: eval mode, cached time embeddings, inference mode)."""
+
+    def __init__(self, checkpoint: Path):
+        self.loaded = load_checkpoint(checkpoint)
+        self.loaded.unet.cache_time_embeddings(self.loaded.diffusion.num_timesteps)
+        meta = self.loaded.metadata
+        self.shape = (meta["channels"], meta["image_size"], meta["image_size"])
+
+    def run(self, steps: int, num_images: int, seed: int) -> float:
         start = time.perf_counter()
-        sample(loaded.unet, loaded.diffusion, num_images, shape, seed=seed, steps=steps)
-        out.append(time.perf_counter() - start)
-    return out[1:]
+        sample(self.loaded.unet, self.loaded.diffusion, num_images, self.shape, seed=seed, steps=steps)
+        return time.perf_counter() - start
 
 
 class Stack:
     """redis-server + ``ddpm worker`` + ``ddpm serve`` as processes, like ``ddpm up``."""
 
-    def __init__(self, checkpoint: Path, tmp: Path):
+    def __init__(self, checkpoint: Path, tmp: Path, threads: int):
         self.redis = RedisServer(data_dir=tmp / "redis").start()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         ck = ["--redis-url", self.redis.url, f"--checkpoint=bench={checkpoint}"]
-        env = {**os.environ, "DDPM_MAX_QUEUE_LENGTH": "1000", "DDPM_MAX_NUM_IMAGES": "64"}
+        env = {**os.environ, "DDPM_MAX_QUEUE_LENGTH": "1000", "DDPM_MAX_NUM_IMAGES": "64",
+               "OMP_NUM_THREADS": str(threads)}
         cli = [sys.executable, "-m", "service.cli"]
         self.procs = [
             subprocess.Popen([*cli, "worker", *ck, "--device", "cpu", "--metrics-port", "0"], cwd=ROOT, env=env),
@@ -155,26 +161,33 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--time-limit", type=float, default=30.0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads, the same for this process and the worker")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="ddpm-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         checkpoint = args.checkpoint or (DEMO_CHECKPOINT if DEMO_CHECKPOINT.exists()
                                          else random_checkpoint(tmp / "digits-random.safetensors"))
-        direct = time_direct(checkpoint, args.steps, args.num_images, 0, args.repeats)
-        stack = Stack(checkpoint, tmp)
+        direct = Direct(checkpoint)
+        stack = Stack(checkpoint, tmp, args.threads)
         try:
             with httpx.Client(base_url=stack.url, timeout=30) as client:
                 body = {"num_images": args.num_images, "steps": args.steps, "seed": 0}
-                run_job(client, body)  # warm-up
-                runs = [run_job(client, body) for _ in range(args.repeats)]
-            through_stack = [s for s, _ in runs]
-            load = get_latency(stack.url, runs[-1][1], args.concurrency, args.requests, args.time_limit)
+                direct.run(args.steps, args.num_images, 0)  # warm-ups
+                run_job(client, body)
+                direct_s, through_stack, job_id = [], [], ""
+                for _ in range(args.repeats):  # interleaved, so both see the same machine load
+                    direct_s.append(direct.run(args.steps, args.num_images, 0))
+                    seconds, job_id = run_job(client, body)
+                    through_stack.append(seconds)
+            load = get_latency(stack.url, job_id, args.concurrency, args.requests, args.time_limit)
         finally:
             stack.stop()
-    d, s = statistics.median(direct), statistics.median(through_stack)
+    d, s = statistics.median(direct_s), statistics.median(through_stack)
     print(json.dumps({
         "checkpoint": checkpoint.name, "steps": args.steps, "num_images": args.num_images,
-        "torch_threads": torch.get_num_threads(), "direct_s": [round(x, 3) for x in direct],
+        "torch_threads": torch.get_num_threads(), "direct_s": [round(x, 3) for x in direct_s],
         "stack_s": [round(x, 3) for x in through_stack], "direct_median_s": round(d, 3),
         "stack_median_s": round(s, 3), "stack_over_direct": round(s / d, 3), "get_job_latency": load,
     }, indent=2))
