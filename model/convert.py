@@ -115,6 +115,7 @@ def _require(cfg: dict[str, Any], source: str | Path, key: str, allowed: tuple[A
 
 def _check_unet_layout(cfg: dict[str, Any], source: str | Path) -> None:
     """Refuse every UNet2DModel option that changes the network away from the paper's layout."""
+    _require(cfg, source, "_class_name", ("UNet2DModel",), "UNet2DModel")
     _require(cfg, source, "time_embedding_type", ("positional",), "positional")
     _require(cfg, source, "freq_shift", (1,), 0)
     _require(cfg, source, "flip_sin_to_cos", (False,), True)
@@ -202,7 +203,7 @@ def unet_config_from_diffusers(cfg: dict[str, Any], *, source: str | Path = "con
             norm_eps=float(cfg.get("norm_eps", 1e-5)),
             num_heads=_num_heads(cfg, [boc[i] for i in attn_levels] + [boc[-1]], source),
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConversionError(source, f"unsupported U-Net config: {exc}") from None
 
 
@@ -231,7 +232,7 @@ def diffusion_config_from_diffusers(cfg: dict[str, Any], *, source: str | Path =
             variance=_VARIANCES[cfg.get("variance_type", "fixed_small")],  # type: ignore[arg-type]
             clip_denoised=bool(cfg.get("clip_sample", True)),
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConversionError(source, f"unsupported scheduler config: {exc}") from None
 
 

@@ -151,6 +151,8 @@ def test_cli_import_writes_a_loadable_checkpoint_with_provenance(tmp_path: Path)
     ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"]}, "CrossAttnDownBlock2D"),
     ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D"]}, "different resolutions"),
     ({"block_out_channels": [32, 48]}, "multiples"),
+    ({"_class_name": "UNet2DConditionModel"}, "UNet2DConditionModel"),
+    ({"norm_num_groups": None}, "unsupported U-Net config"),
 ])
 def test_unsupported_unet_configs_are_refused_by_name(override: dict[str, Any], named: str) -> None:
     with pytest.raises(ConversionError, match=named) as info:
