@@ -3,7 +3,8 @@
 1. Time from ``POST /generate`` to the final image bytes through the whole stack (private redis-server, the real
    ``ddpm worker`` process, the API served by uvicorn in its own process, SSE to learn the end, then GET of every
    image PNG) against calling the sampler directly in this process with the same checkpoint, steps, images and
-   seed. Reported as medians and their ratio (stack / direct).
+   seed. Reported as medians and their ratio (stack / direct), with the default previews (about 20 x0-hat
+   frames, each a PNG in Redis) and with one frame only (``preview_every = steps``).
 2. ``GET /jobs/{id}`` latency under a bounded concurrent load on loopback: ``--concurrency`` clients share a
    fixed ``--requests`` count, stopped at ``--time-limit`` seconds; p50/p99 and throughput.
 
@@ -176,11 +177,13 @@ def main() -> int:
                 body = {"num_images": args.num_images, "steps": args.steps, "seed": 0}
                 direct.run(args.steps, args.num_images, 0)  # warm-ups
                 run_job(client, body)
-                direct_s, through_stack, job_id = [], [], ""
-                for _ in range(args.repeats):  # interleaved, so both see the same machine load
+                one_frame = {**body, "preview_every": args.steps}  # only the last step's x0-hat
+                direct_s, through_stack, lean, job_id = [], [], [], ""
+                for _ in range(args.repeats):  # interleaved, so all see the same machine load
                     direct_s.append(direct.run(args.steps, args.num_images, 0))
                     seconds, job_id = run_job(client, body)
                     through_stack.append(seconds)
+                    lean.append(run_job(client, one_frame)[0])
             load = get_latency(stack.url, job_id, args.concurrency, args.requests, args.time_limit)
         finally:
             stack.stop()
@@ -189,7 +192,9 @@ def main() -> int:
         "checkpoint": checkpoint.name, "steps": args.steps, "num_images": args.num_images,
         "torch_threads": torch.get_num_threads(), "direct_s": [round(x, 3) for x in direct_s],
         "stack_s": [round(x, 3) for x in through_stack], "direct_median_s": round(d, 3),
-        "stack_median_s": round(s, 3), "stack_over_direct": round(s / d, 3), "get_job_latency": load,
+        "stack_median_s": round(s, 3), "stack_over_direct": round(s / d, 3),
+        "stack_one_frame_s": [round(x, 3) for x in lean],
+        "stack_one_frame_over_direct": round(statistics.median(lean) / d, 3), "get_job_latency": load,
     }, indent=2))
     return 0
 
