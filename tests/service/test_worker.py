@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -116,6 +117,9 @@ def test_same_seed_same_images_and_image_i_independent_of_num_images(worker_proc
     assert images(store, a, 2) == images(store, b, 2)
     assert images(store, c, 1)[0] == images(store, a, 2)[0]
     assert images(store, d, 1)[0] != images(store, c, 1)[0]
+    alone = submit(store, num_images=1, seed=11)  # c ran batched with a, b and d; this one runs by itself
+    assert wait_for(store, alone)["status"] == "succeeded"
+    assert images(store, alone, 1) == images(store, c, 1)
 
 
 def test_cancel_of_a_queued_job_means_it_never_starts(worker_process: StartWorker, store: JobStore) -> None:
@@ -249,3 +253,27 @@ def test_a_job_whose_worker_dies_is_retried_by_another_within_seconds(worker_pro
     q = Queue(store.queue_name, connection=store.redis)
     rq_job = q.fetch_job(job_id)
     assert rq_job is not None and rq_job.get_status() == "finished" and rq_job.retries_left == 0
+
+
+def test_a_plain_rq_simple_worker_runs_a_job_through_run_job(redis_url: str, tiny_checkpoint: Path,
+                                                             store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The function RQ's job record names works on its own: RQ's non-forking worker runs it in-process."""
+    from rq.worker import SimpleWorker
+
+    from service import worker as worker_module
+    from service.settings import get_settings
+
+    monkeypatch.setenv("DDPM_REDIS_URL", redis_url)
+    monkeypatch.setenv("DDPM_CHECKPOINTS", f"tiny={tiny_checkpoint}")
+    get_settings.cache_clear()
+    worker_module._standalone_models.cache_clear()
+    try:
+        job_id = submit(store, num_images=2, steps=5)
+        SimpleWorker([store.queue_name], connection=store.redis).work(burst=True)
+    finally:
+        get_settings.cache_clear()
+        worker_module._standalone_models.cache_clear()
+    rec = store.get(job_id)
+    assert rec is not None and rec["status"] == "succeeded" and len(images(store, job_id, 2)) == 2
+    rq_job = Queue(store.queue_name, connection=store.redis).fetch_job(job_id)
+    assert rq_job is not None and rq_job.return_value() == {"status": "succeeded"}
