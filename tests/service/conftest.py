@@ -168,3 +168,26 @@ def worker_process(redis_url: str, tiny_checkpoint: Path, tmp_path: Path) -> Ite
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_stack(redis_server: RedisServer, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[tuple[ApiServer, WorkerProcess]]:
+    """One API (no auth) and one real worker on a freshly emptied Redis, shared by a module's tests (a worker
+    start costs seconds). Don't mix with ``redis_url``-based fixtures in the same module: they flush Redis."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    api = ApiServer(Settings(redis_url=redis_server.url, checkpoints={"tiny": str(tiny_checkpoint)})).start()
+    port, name = free_port(), "shared-worker"
+    # One torch thread: on a small shared machine two contending intra-op threads run ~10x slower.
+    args = ["env", "OMP_NUM_THREADS=1", sys.executable, "-m", "service.cli", "worker", "--redis-url",
+            redis_server.url, "--checkpoint", f"tiny={tiny_checkpoint}", "--device", "cpu", "--metrics-port",
+            str(port), "--metrics-host", "127.0.0.1", "--name", name]
+    worker = WorkerProcess(args, port, name, tmp_path_factory.mktemp("worker") / f"{name}.log")
+    try:
+        worker.wait_ready(redis_server.url)
+        yield api, worker
+    finally:
+        worker.stop()
+        api.stop()

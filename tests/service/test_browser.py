@@ -1,13 +1,14 @@
 """The page at ``/`` in headless Chromium, driven over the DevTools protocol (a pipe, no extra packages).
 
 Skipped when /usr/bin/chromium (Debian's ``chromium``) is absent; the CI script installs it. The job behind
-the page is run by the real worker process (``worker_process``); set ``DDPM_SCREENSHOT_DIR`` to keep the
+the page is run by the real worker process (``shared_stack``); set ``DDPM_SCREENSHOT_DIR`` to keep the
 screenshots.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import select
@@ -15,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,10 @@ class Browser:
     def wait_for(self, expression: str, timeout: float = 60.0) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = self.js(expression)
-            if value:
-                return value
+            with contextlib.suppress(RuntimeError):  # e.g. the page is still loading
+                value = self.js(expression)
+                if value:
+                    return value
             time.sleep(0.1)
         raise TimeoutError(f"the page never satisfied {expression!r}; status: {self.js('document.body.innerText')}")
 
@@ -109,10 +111,8 @@ class Browser:
         return path
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
             self.send("Browser.close", timeout=5)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -139,8 +139,9 @@ def _set(browser: Browser, field: str, value: object) -> None:
 LOADED_IMAGES = "[...document.querySelectorAll('#images img')].filter(i => i.complete && i.naturalWidth > 0)"
 
 
-def test_page_generates_and_shows_frames_then_images(browser: Browser, worker_process: Any, api_server: ApiServer,
+def test_page_generates_and_shows_frames_then_images(browser: Browser, shared_stack: tuple[ApiServer, Any],
                                                      tmp_path: Path) -> None:
+    api_server = shared_stack[0]
     browser.goto(api_server.url + "/")
     browser.wait_for("document.querySelector('#model option[value=tiny]') !== null")
     assert browser.js("document.getElementById('steps').max") == "40"  # steps bounded by the model's T
@@ -158,9 +159,18 @@ def test_page_generates_and_shows_frames_then_images(browser: Browser, worker_pr
     assert browser.screenshot(tmp_path / "page-succeeded.png").stat().st_size > 0
 
 
-def test_page_with_an_api_key_polls_and_shows_errors(browser: Browser, worker_process: Any,
-                                                     make_api: Callable[..., ApiServer], tmp_path: Path) -> None:
-    api = make_api(api_keys=["page-key"])
+@pytest.fixture
+def api_with_key(shared_stack: tuple[ApiServer, Any]) -> Iterator[ApiServer]:
+    """A second API on the shared stack's Redis that needs the key ``page-key``."""
+    settings = shared_stack[0].settings.model_copy(update={"api_keys": ["page-key"]})
+    api = ApiServer(settings).start()
+    yield api
+    api.stop()
+
+
+def test_page_with_an_api_key_polls_and_shows_errors(browser: Browser, api_with_key: ApiServer,
+                                                     tmp_path: Path) -> None:
+    api = api_with_key
     browser.goto(api.url + "/?num_images=1&steps=4&seed=5")
     browser.wait_for("document.getElementById('error').textContent.includes('401')")  # no key yet
     _set(browser, "api_key", "page-key")
@@ -171,8 +181,8 @@ def test_page_with_an_api_key_polls_and_shows_errors(browser: Browser, worker_pr
     browser.js("document.getElementById('submit').click()")
     browser.wait_for("document.body.dataset.jobStatus === 'succeeded'")
     assert browser.wait_for(f"{LOADED_IMAGES}.length === 1")
-    _set(browser, "steps", 500)  # over the model's T: the server's 422 message is shown
+    _set(browser, "num_images", 17)  # over the server's limit: its 422 message is shown
     browser.js("document.getElementById('submit').click()")
     message = browser.wait_for("document.getElementById('error').textContent")
-    assert "steps: must be between 1 and 40" in message and "422" in message
+    assert "num_images: must be between 1 and 16" in message and "422" in message
     browser.screenshot(tmp_path / "page-error.png")
