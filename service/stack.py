@@ -68,6 +68,7 @@ class Stack:
                         "--checkpoint NAME=FILE." if Path(path) == DEMO_CHECKPOINT else "")
                 raise StackError(f"model {name!r}: {exc}.{hint}") from None
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
             try:
                 s.bind((self.settings.host, self.settings.port))
             except OSError as exc:
@@ -92,7 +93,8 @@ class Stack:
     def _spawn(self, name: str, argv: list[str]) -> None:
         cmd = [sys.executable, "-m", "service.cli", *argv]
         log.info("starting %s: %s", name, " ".join(cmd))
-        self.children[name] = subprocess.Popen(cmd, start_new_session=True, env=os.environ.copy())
+        # The children's logs go to stderr, so stdout carries only the "ready" line (scripts can read the URL).
+        self.children[name] = subprocess.Popen(cmd, start_new_session=True, env=os.environ.copy(), stdout=sys.stderr)
 
     def dead_child(self) -> str | None:
         """The name of a child that exited, if any."""
