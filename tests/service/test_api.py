@@ -20,7 +20,7 @@ from PIL import Image
 
 from model.images import png_bytes
 from service.queue import JobStore, connect
-from service.redis_server import free_port
+from service.redis_server import RedisServer, free_port
 
 from .conftest import ApiServer
 
@@ -319,3 +319,20 @@ def test_openapi_documents_every_route_and_its_errors(api_server: ApiServer) -> 
     assert "404" in paths["/jobs/{job_id}"]["delete"]["responses"]
     assert "ErrorBody" in spec["components"]["schemas"]
     assert httpx.get(f"{api_server.url}/docs").status_code == 200
+
+
+def test_redis_going_away_and_coming_back_needs_no_restart(make_api: Callable[..., ApiServer],
+                                                           tmp_path: Any) -> None:
+    server = RedisServer(data_dir=tmp_path / "redis").start()
+    try:
+        api = make_api(redis_url=server.url)
+        assert httpx.post(f"{api.url}/generate", json={"steps": 1}).status_code == 202
+        server.stop()
+        _error(httpx.post(f"{api.url}/generate", json={"steps": 1}), 503, "store_unavailable")
+        _error(httpx.get(f"{api.url}/readyz"), 503, "store_unavailable")
+        server.start()  # same port, same data directory
+        r = httpx.post(f"{api.url}/generate", json={"steps": 1})
+        assert r.status_code == 202
+        assert httpx.get(api.url + r.headers["location"]).json()["status"] == "queued"
+    finally:
+        server.cleanup()
