@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.checkpoint import load_checkpoint
-from model.config import model_preset
+from model.config import DiffusionConfig, model_preset
 from model.convert import (
     ConversionError,
     diffusion_config_from_diffusers,
@@ -235,3 +235,51 @@ def test_log_variance_spellings_map_to_the_same_variances() -> None:
     assert diffusion_config_from_diffusers({"variance_type": "fixed_large_log"}).variance == "fixedlarge"
     cosine = diffusion_config_from_diffusers({"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 4000})
     assert (cosine.beta_schedule, cosine.num_timesteps) == ("cosine", 4000)
+
+
+# ---- whole reverse chains against diffusers' scheduler loops -------------------------------------------------------
+_PAPER_ABAR = GaussianDiffusion.from_config(DiffusionConfig()).alphas_cumprod
+
+
+def _smooth_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A stand-in network: the exact eps for N(0, I) data, sqrt(1 - abar_t) x_t, plus a small t-dependent term."""
+    t = t.reshape(-1, 1, 1, 1)
+    return (1 - _PAPER_ABAR[t]).sqrt() * x + 0.05 * torch.cos(t.float() / 37.0)
+
+
+def _their_chain(scheduler: Any, seed: int, shape: tuple[int, ...], **step_kwargs: Any) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, *shape), generator=gen)
+    for t in scheduler.timesteps:
+        x = scheduler.step(_smooth_eps(x, t.reshape(1)), t, x, generator=gen, **step_kwargs).prev_sample
+    return x
+
+
+@pytest.mark.parametrize(("variance_type", "clip"), [("fixed_large", True), ("fixed_small", False)])
+def test_respaced_ddpm_chain_matches_ddpm_scheduler_loop(variance_type: str, clip: bool) -> None:
+    from model.sampler import Chain, ImageNoise, sample_steps
+
+    cfg = {"num_train_timesteps": 1000, "variance_type": variance_type, "clip_sample": clip}
+    ref = diffusers.DDPMScheduler(**cfg)
+    ref.set_timesteps(20)  # diffusers' "leading" spacing: 950, 900, ..., 0
+    ours = GaussianDiffusion.from_config(diffusion_config_from_diffusers(cfg))
+    shape = (3, 4, 4)
+    # One image: its stream and diffusers' generator with the same seed draw x_T and every z identically.
+    chain = Chain(ours, ImageNoise([5], shape), timesteps=ref.timesteps.tolist())
+    x0 = list(sample_steps(_smooth_eps, chain))[-1].x_prev
+    torch.testing.assert_close(x0, _their_chain(ref, 5, shape), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_chain_matches_ddim_scheduler_loop(eta: float) -> None:
+    from model.sampler import Chain, ImageNoise, sample_steps
+
+    # Without clipping: with it, diffusers keeps the unclipped eps (use_clipped_model_output=False) while we
+    # re-derive eps from the clipped x0-hat, as improved-diffusion does.
+    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
+    ref.set_timesteps(10)
+    ours = GaussianDiffusion.from_config(DiffusionConfig(clip_denoised=False))
+    shape = (3, 4, 4)
+    chain = Chain(ours, ImageNoise([9], shape), timesteps=ref.timesteps.tolist(), sampler="ddim", eta=eta)
+    x0 = list(sample_steps(_smooth_eps, chain))[-1].x_prev
+    torch.testing.assert_close(x0, _their_chain(ref, 9, shape, eta=eta), atol=2e-4, rtol=1e-4)
