@@ -130,6 +130,16 @@ def test_cifar10_diffusers_config_is_our_cifar10_preset() -> None:
     assert sum(p.numel() for p in ref.parameters()) == UNet(ours).num_parameters() == 35_746_307
 
 
+def test_church_256_diffusers_config_is_our_256_preset() -> None:
+    # google/ddpm-ema-church-256: six levels, attention at 16x16 (fifth level down, second level up).
+    church = {**CIFAR10_DIFFUSERS, "sample_size": 256, "block_out_channels": [128, 128, 256, 256, 512, 512],
+              "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4, "dropout": 0.0}
+    assert unet_config_from_diffusers(church) == model_preset("256").unet
+    sched = diffusion_config_from_diffusers({"variance_type": "fixed_small", "num_train_timesteps": 1000})
+    assert sched == model_preset("256").diffusion
+
+
 def test_cli_import_writes_a_loadable_checkpoint_with_provenance(tmp_path: Path) -> None:
     folder = write_folder(tmp_path / "ddpm-ema-tiny-16", random_unet2d(tiny_config()),
                           scheduler={"variance_type": "fixed_small", "clip_sample": False})
