@@ -8,8 +8,14 @@ import torch
 from model.config import DiffusionConfig, UNetConfig
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    # Tests use tiny models: on a small shared machine two intra-op threads only contend (5-20x slower).
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def _torch_threads() -> None:
+def _seed() -> None:
     torch.manual_seed(0)
 
 
