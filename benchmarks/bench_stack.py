@@ -13,7 +13,7 @@
 Both sides use ``--threads`` torch threads (default 1: on a small shared machine, oversubscribed intra-op
 threads slow both sides by an order of magnitude and bury the overhead in noise). Without ``--checkpoint`` it
 uses the demo checkpoint if present, else a random-weight ``digits``-preset model (the demo's compute per step).
-Output: one JSON object on stdout.
+Output: one JSON object on stdout and in ``benchmarks/results/bench_stack-<device>-<UTC time>.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +56,23 @@ class Direct:
     """The sampler called in this process: the floor the stack is compared with (same inference set-up as the
     worker: eval mode, cached time embeddings, inference mode)."""
 
-    def __init__(self, checkpoint: Path):
-        self.loaded = load_checkpoint(checkpoint)
+    def __init__(self, checkpoint: Path, device: str):
+        self.loaded = load_checkpoint(checkpoint, device=device)
         self.loaded.unet.cache_time_embeddings(self.loaded.diffusion.num_timesteps)
         meta = self.loaded.metadata
         self.shape = (meta["channels"], meta["image_size"], meta["image_size"])
 
     def run(self, steps: int, num_images: int, seed: int) -> float:
         start = time.perf_counter()
-        sample(self.loaded.unet, self.loaded.diffusion, num_images, self.shape, seed=seed, steps=steps)
+        images = sample(self.loaded.unet, self.loaded.diffusion, num_images, self.shape, seed=seed, steps=steps)
+        images.cpu()  # waits for the device, as the worker's PNG encoding does
         return time.perf_counter() - start
 
 
 class Stack:
     """redis-server + ``ddpm worker`` + ``ddpm serve`` as processes, like ``ddpm up``."""
 
-    def __init__(self, checkpoint: Path, tmp: Path, threads: int):
+    def __init__(self, checkpoint: Path, tmp: Path, threads: int, device: str):
         self.redis = RedisServer(data_dir=tmp / "redis").start()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -79,7 +81,7 @@ class Stack:
                "OMP_NUM_THREADS": str(threads)}
         cli = [sys.executable, "-m", "service.cli"]
         self.procs = [
-            subprocess.Popen([*cli, "worker", *ck, "--device", "cpu", "--metrics-port", "0"], cwd=ROOT, env=env),
+            subprocess.Popen([*cli, "worker", *ck, "--device", device, "--metrics-port", "0"], cwd=ROOT, env=env),
             subprocess.Popen([*cli, "serve", *ck, "--port", str(self.port)], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         ]
@@ -102,8 +104,20 @@ class Stack:
         self.redis.cleanup()
 
 
+PHASES: list[dict[str, float]] = []  # per stack job: where its time went (from the job record's timestamps)
+
+
+def _phases(client: httpx.Client, job_id: str, start_wall: float, end_wall: float) -> dict[str, float]:
+    job = client.get(f"/jobs/{job_id}").json()
+    created, started, ended = (datetime.fromisoformat(job[k]).timestamp() for k in
+                               ("created_at", "started_at", "ended_at"))
+    return {"post_to_created_s": round(created - start_wall, 4), "queue_wait_s": round(started - created, 4),
+            "run_s": round(ended - started, 4), "ended_to_images_s": round(end_wall - ended, 4)}
+
+
 def run_job(client: httpx.Client, body: dict[str, Any]) -> tuple[float, str]:
     """POST, follow the SSE stream to the terminal event, GET every image: seconds from POST to last byte."""
+    start_wall = time.time()
     start = time.perf_counter()
     accepted = client.post("/generate", json=body).raise_for_status().json()
     terminal = None
@@ -115,7 +129,9 @@ def run_job(client: httpx.Client, body: dict[str, Any]) -> tuple[float, str]:
         raise RuntimeError(f"job ended {terminal}")
     for i in range(body["num_images"]):
         client.get(f"/jobs/{accepted['id']}/images/{i}.png").raise_for_status()
-    return time.perf_counter() - start, accepted["id"]
+    seconds = time.perf_counter() - start
+    PHASES.append(_phases(client, accepted["id"], start_wall, time.time()))
+    return seconds, accepted["id"]
 
 
 def get_latency(url: str, job_id: str, concurrency: int, requests: int, time_limit: float) -> dict[str, Any]:
@@ -164,14 +180,17 @@ def main() -> int:
     parser.add_argument("--time-limit", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads, the same for this process and the worker")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                        help="folder for the JSON result file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="ddpm-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         checkpoint = args.checkpoint or (DEMO_CHECKPOINT if DEMO_CHECKPOINT.exists()
                                          else random_checkpoint(tmp / "digits-random.safetensors"))
-        direct = Direct(checkpoint)
-        stack = Stack(checkpoint, tmp, args.threads)
+        direct = Direct(checkpoint, args.device)
+        stack = Stack(checkpoint, tmp, args.threads, args.device)
         try:
             with httpx.Client(base_url=stack.url, timeout=30) as client:
                 body = {"num_images": args.num_images, "steps": args.steps, "seed": 0}
@@ -188,14 +207,22 @@ def main() -> int:
         finally:
             stack.stop()
     d, s = statistics.median(direct_s), statistics.median(through_stack)
-    print(json.dumps({
-        "checkpoint": checkpoint.name, "steps": args.steps, "num_images": args.num_images,
+    result = {
+        "benchmark": "bench_stack", "device": args.device, "checkpoint": checkpoint.name, "steps": args.steps,
+        "num_images": args.num_images,
         "torch_threads": torch.get_num_threads(), "direct_s": [round(x, 3) for x in direct_s],
         "stack_s": [round(x, 3) for x in through_stack], "direct_median_s": round(d, 3),
         "stack_median_s": round(s, 3), "stack_over_direct": round(s / d, 3),
         "stack_one_frame_s": [round(x, 3) for x in lean],
-        "stack_one_frame_over_direct": round(statistics.median(lean) / d, 3), "get_job_latency": load,
-    }, indent=2))
+        "stack_one_frame_over_direct": round(statistics.median(lean) / d, 3),
+        "stack_phases": PHASES[1::2], "stack_one_frame_phases": PHASES[2::2], "get_job_latency": load,
+        "load_average": os.getloadavg(), "torch": torch.__version__,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (args.out / f"bench_stack-{args.device}-{stamp}.json").write_text(text + "\n")
     return 0
 
 
