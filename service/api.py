@@ -1,4 +1,5 @@
-"""The HTTP API (FastAPI): the only place errors become HTTP status codes. ``ddpm serve`` runs it.
+"""The HTTP API (FastAPI): routes and the app factory. ``ddpm serve`` runs it. With ``service.web`` (the error
+shape and handlers, auth, middleware) it is the only place errors become HTTP status codes.
 
 ``create_app(settings)`` wires routes, middleware (body-size limit, CORS, request metrics) and error handlers;
 the Redis client and the checkpoint metadata are opened in the app's lifespan, never at import time. Routes
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
-import hmac
 import json
 import logging
 import sys
@@ -32,22 +31,17 @@ from typing import Annotated, Any
 import anyio
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.checkpoint import CheckpointError, read_metadata
 from service import metrics
-from service.queue import TERMINAL_STATES, JobState, JobStore, QueueFull, StoreUnavailable, connect, is_valid_job_id
+from service.queue import TERMINAL_STATES, JobState, JobStore, StoreUnavailable, connect, is_valid_job_id
 from service.schemas import (
-    ErrorBody,
     FrameView,
     GenerateAccepted,
     GenerateRequest,
@@ -58,97 +52,24 @@ from service.schemas import (
     ModelsView,
     Progress,
     ReadyView,
-    RequestInvalid,
     resolve_request,
 )
 from service.settings import Settings, get_settings
+from service.web import (
+    ApiError,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    install_error_handlers,
+    key_digests,
+    require_key,
+    responses,
+)
 
 __all__ = ["ApiError", "configure_parser", "create_app", "main"]
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 WORKER_MAX_AGE_SECONDS = 15.0  # a worker whose heartbeat is older is not counted as live
-STORE_RETRY_AFTER = 2  # seconds suggested to clients when Redis is unreachable
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          410: "expired", 413: "body_too_large", 422: "invalid_request", 429: "queue_full", 503: "unavailable"}
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-        super().__init__(message)
-
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error responses of a route."""
-    return {c: {"model": ErrorBody, "description": _CODES.get(c, "error")} for c in codes}
-
-
-# ---- middleware --------------------------------------------------------------------------------------------
-class BodyLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413, by Content-Length or by counting a streamed body."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        too_big = _error(413, "body_too_large", f"the request body must be at most {self.max_bytes} bytes")
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_big(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await too_big(scope, receive, send)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-class MetricsMiddleware:
-    """Request count and latency by method, route template (never the raw path) and status."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            labels = (scope["method"], route, str(status))
-            metrics.HTTP_REQUESTS.labels(*labels).inc()
-            metrics.HTTP_REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - start)
 
 
 # ---- state -------------------------------------------------------------------------------------------------
@@ -204,80 +125,6 @@ def _settings(request: Request) -> Settings:
 
 
 Store = Annotated[JobStore, Depends(_store)]
-
-
-# ---- auth --------------------------------------------------------------------------------------------------
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (when DDPM_API_KEYS is set)")
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY (alternative)")
-
-
-def _require_key(request: Request,
-                 bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-                 api_key: Annotated[str | None, Depends(_api_key)]) -> None:
-    """When API keys are configured, the request needs one: 401 when none is given, 403 when it is wrong."""
-    digests: list[bytes] = request.app.state.key_digests
-    if not digests:
-        return
-    given = bearer.credentials if bearer is not None else api_key
-    if not given:
-        raise ApiError(401, "unauthorized", "an API key is needed: send 'Authorization: Bearer KEY' or "
-                                            "'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
-    digest = hashlib.sha256(given.encode()).digest()
-    matched = False
-    for known in digests:  # no early exit: the time taken does not depend on which key matched
-        matched |= hmac.compare_digest(digest, known)
-    if not matched:
-        raise ApiError(403, "forbidden", "the API key is not valid")
-
-
-# ---- error handlers ----------------------------------------------------------------------------------------
-def _validation_message(exc: RequestValidationError, limits: Limits) -> str:
-    """``field: what is wrong (allowed range or values)`` for the first few errors."""
-    ranges, parts = limits.ranges(), []
-    for err in exc.errors()[:3]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
-        field = ".".join(loc) or "body"
-        if err.get("type") == "extra_forbidden":
-            parts.append(f"{field}: unknown field (allowed: {', '.join(GenerateRequest.model_fields)})")
-        elif field in ranges and err.get("type") in ("greater_than_equal", "less_than_equal"):
-            lo, hi = ranges[field]
-            parts.append(f"{field}: must be between {lo} and {hi} (got {err.get('input')})")
-        else:
-            parts.append(f"{field}: {err.get('msg')}")
-    return "; ".join(parts)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return _error(exc.status, exc.code, exc.message, exc.headers)
-
-    async def invalid(request: Request, exc: Exception) -> Response:
-        if isinstance(exc, RequestInvalid):
-            return _error(422, "invalid_request", str(exc))
-        assert isinstance(exc, RequestValidationError)
-        return _error(422, "invalid_request", _validation_message(exc, request.app.state.limits))
-
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        return _error(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail),
-                      dict(exc.headers) if exc.headers else None)
-
-    async def store_down(_: Request, exc: Exception) -> Response:
-        log.warning("redis unavailable: %s", exc)
-        return _error(503, "store_unavailable", "the job store (Redis) is unreachable; retry shortly",
-                      {"Retry-After": str(STORE_RETRY_AFTER)})
-
-    async def queue_full(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, QueueFull)
-        return _error(429, "queue_full", f"{exc}", {"Retry-After": str(exc.retry_after)})
-
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(RequestInvalid, invalid)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(StoreUnavailable, store_down)
-    app.add_exception_handler(QueueFull, queue_full)
 
 
 # ---- job views ---------------------------------------------------------------------------------------------
@@ -336,7 +183,7 @@ health = APIRouter(tags=["health"])
 
 
 @jobs.post("/generate", status_code=202, response_model=GenerateAccepted,
-           responses=_responses(400, 401, 403, 413, 422, 429, 503))
+           responses=responses(400, 401, 403, 413, 422, 429, 503))
 def generate(body: GenerateRequest, request: Request, response: Response, store: Store) -> GenerateAccepted:
     """Queue a generation job; poll ``status_url`` or stream ``events_url``."""
     settings, catalog = _settings(request), request.app.state.catalog
@@ -356,7 +203,7 @@ def generate(body: GenerateRequest, request: Request, response: Response, store:
 
 
 @jobs.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=False,
-          responses=_responses(401, 403, 404, 422, 503))
+          responses=responses(401, 403, 404, 422, 503))
 def get_job(job_id: str, store: Store,
             since: Annotated[int, Query(ge=-1, le=10**9, description="only frames with index > since")] = -1,
             inline: Annotated[bool, Query(description="add base64 PNG data to frames and images")] = False
@@ -366,7 +213,7 @@ def get_job(job_id: str, store: Store,
 
 
 @jobs.get("/jobs/{job_id}/frames/{index}.png", response_class=Response,
-          responses={200: {"content": {"image/png": {}}}, **_responses(401, 403, 404, 410, 503)})
+          responses={200: {"content": {"image/png": {}}}, **responses(401, 403, 404, 410, 503)})
 def frame_png(job_id: str, index: int, store: Store) -> Response:
     """The x0-hat frame ``index`` (a grid of all the job's images)."""
     job = _get_job(store, job_id)
@@ -376,7 +223,7 @@ def frame_png(job_id: str, index: int, store: Store) -> Response:
 
 
 @jobs.get("/jobs/{job_id}/images/{index}.png", response_class=Response,
-          responses={200: {"content": {"image/png": {}}}, **_responses(401, 403, 404, 410, 503)})
+          responses={200: {"content": {"image/png": {}}}, **responses(401, 403, 404, 410, 503)})
 def image_png(job_id: str, index: int, store: Store) -> Response:
     """Final image ``index`` of a succeeded job."""
     job = _get_job(store, job_id)
@@ -387,7 +234,7 @@ def image_png(job_id: str, index: int, store: Store) -> Response:
     return _png(store.image_png(job_id, index), f"image {index} of job {job_id}")
 
 
-@jobs.delete("/jobs/{job_id}", response_model=JobView, responses=_responses(401, 403, 404, 503))
+@jobs.delete("/jobs/{job_id}", response_model=JobView, responses=responses(401, 403, 404, 503))
 def cancel_job(job_id: str, store: Store, response: Response) -> JobView:
     """Cancel: a queued job never starts (200, canceled); a running one stops within one denoising step
     (202, ``cancel_requested``). A finished job is left as it is (200)."""
@@ -445,7 +292,7 @@ def _valid_event_id(value: str | None) -> str:
 @jobs.get("/jobs/{job_id}/events", response_class=StreamingResponse,
           responses={200: {"content": {"text/event-stream": {}},
                            "description": "SSE: queued, running, progress, frame, then succeeded|failed|canceled"},
-                     **_responses(401, 403, 404, 503)})
+                     **responses(401, 403, 404, 503)})
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     """Server-Sent Events of a job. Each event's id is its Redis stream id; reconnecting with
     ``Last-Event-ID`` replays what was missed. The stream closes after the terminal event."""
@@ -456,7 +303,7 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@info.get("/models", response_model=ModelsView, responses=_responses(401, 403))
+@info.get("/models", response_model=ModelsView, responses=responses(401, 403))
 def list_models(request: Request) -> ModelsView:
     """The checkpoints this service serves, with their metadata; the first is the default."""
     catalog: ModelCatalog = request.app.state.catalog
@@ -464,7 +311,7 @@ def list_models(request: Request) -> ModelsView:
 
 
 @info.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}},
-                                                          **_responses(401, 403)})
+                                                          **responses(401, 403)})
 def prometheus_metrics(store: Store) -> Response:
     """Prometheus metrics of the API process (queue depth sampled now)."""
     try:
@@ -480,7 +327,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@health.get("/readyz", response_model=ReadyView, responses=_responses(503))
+@health.get("/readyz", response_model=ReadyView, responses=responses(503))
 def readyz(request: Request, store: Store) -> ReadyView:
     """Ready when Redis answers and a worker serving the default model sent a heartbeat recently."""
     default = request.app.state.catalog.default
@@ -540,11 +387,11 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
                               "Errors: `{\"error\": {\"code\", \"message\"}}`.")
     app.state.settings = settings
     app.state.catalog = ModelCatalog(settings.checkpoints)
-    app.state.key_digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+    app.state.key_digests = key_digests(settings.api_keys)
     app.state.limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps)
     app.state.sse_keepalive_s, app.state.sse_block_ms = sse_keepalive_s, sse_block_ms
     # Without keys the routes are open and the OpenAPI schema declares no security.
-    protected = [Depends(_require_key)] if settings.api_keys else []
+    protected = [Depends(require_key)] if settings.api_keys else []
     app.include_router(jobs, dependencies=protected)
     app.include_router(info, dependencies=protected)
     app.include_router(health)
@@ -554,7 +401,7 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-    _install_error_handlers(app)
+    install_error_handlers(app)
     _document_limits(app, app.state.limits)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
