@@ -419,7 +419,11 @@ class WorkerSession:
 
     def register(self) -> None:
         with _translate_errors():
-            self._rq.register_birth()
+            try:
+                self._rq.register_birth()
+            except ValueError:  # our name is still registered: a previous run of this container that died
+                self._rq.register_death()
+                self._rq.register_birth()
             self._rq.set_state("idle")
 
     def unregister(self) -> None:
