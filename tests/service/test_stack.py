@@ -89,9 +89,39 @@ def test_up_serves_a_job_and_stops_everything(tiny_checkpoint: Path, tmp_path: P
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
         assert list((tmp_path / "redis").glob("appendonly*"))  # the private Redis persisted its jobs
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # a failed assertion: stop it the way a user would, then make sure
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_children_stop_when_up_is_killed(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Even a SIGKILLed supervisor leaves no API or worker behind (they get SIGTERM when it dies)."""
+    proc = _up("--port", str(free_port()), "--checkpoint", f"tiny={tiny_checkpoint}", "--data-dir",
+               str(tmp_path / "redis"), "--device", "cpu", "--worker-metrics-port", "0")
+    _wait_ready_line(proc)
+    children = _children(proc.pid)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    survivors = [c for c in children if _alive(c) and "service.cli" in _cmdline(c)]
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.1)
+        survivors = [c for c in survivors if _alive(c)]
+    redis_left = [c for c in children if _alive(c)]
+    for pid in redis_left:  # the private redis-server has no such hook; stop it here
+        os.kill(pid, signal.SIGTERM)
+    assert survivors == []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def test_up_refuses_a_missing_checkpoint_with_a_hint(tmp_path: Path) -> None:
