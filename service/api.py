@@ -385,9 +385,9 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     app = FastAPI(title="DDPM generation service", version="0.1.0", lifespan=lifespan,
                   description="Generate images with DDPM checkpoints; watch x0-hat frames as they denoise.\n\n"
                               "Errors: `{\"error\": {\"code\", \"message\"}}`.")
-    app.state.settings = settings
+    app.state.key_digests = key_digests(settings.api_keys)  # the app keeps the keys' digests only
+    app.state.settings = settings.model_copy(update={"api_keys": []})
     app.state.catalog = ModelCatalog(settings.checkpoints)
-    app.state.key_digests = key_digests(settings.api_keys)
     app.state.limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps)
     app.state.sse_keepalive_s, app.state.sse_block_ms = sse_keepalive_s, sse_block_ms
     # Without keys the routes are open and the OpenAPI schema declares no security.
@@ -445,6 +445,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     logging.getLogger().setLevel(settings.log_level)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=5)
+    host, port, level = settings.host, settings.port, settings.log_level.lower()
+    del settings  # holds the plain API keys; the app has their digests
+    uvicorn.run(app, host=host, port=port, log_level=level, timeout_graceful_shutdown=5)
     return 0
