@@ -166,7 +166,7 @@ def _job_view(store: JobStore, job: dict[str, Any], since: int, inline: bool) ->
         progress=Progress(step=job["step"], total=job["total"], t=job["t"] if job["t"] >= 0 else None),
         queue_position=store.queue_position(job_id) if status is JobState.QUEUED else None,
         frames=frames, images=images, error=job["error"],
-        cancel_requested=status is JobState.RUNNING and store.cancel_requested(job_id),
+        cancel_requested=status is JobState.RUNNING and store.cancel_requested(job_id), attempt=job["attempt"],
         created_at=_iso(job["created_at"]), started_at=_iso(job["started_at"]), ended_at=_iso(job["ended_at"]))
 
 

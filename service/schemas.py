@@ -188,6 +188,8 @@ class JobView(BaseModel):
     images: list[ImageView] = Field(description="final images, only once succeeded")
     error: ErrorDetail | None
     cancel_requested: bool = False
+    attempt: int = Field(0, description="times a worker started this job; above 1 it was retried after its "
+                                        "worker stopped or died")
     created_at: datetime | None
     started_at: datetime | None
     ended_at: datetime | None

@@ -83,7 +83,7 @@ def test_job_view_follows_the_worker(api_server: ApiServer) -> None:
     assert [f["index"] for f in job["frames"]] == [0, 1, 2] and [f["t"] for f in job["frames"]] == [2, 1, 0]
     assert job["images"] == [{"index": i, "seed": 7, "url": f"/jobs/{job_id}/images/{i}.png", "data": None}
                              for i in range(2)]
-    assert job["started_at"] <= job["ended_at"] and job["error"] is None
+    assert job["started_at"] <= job["ended_at"] and job["error"] is None and job["attempt"] == 1
     later = httpx.get(f"{api_server.url}/jobs/{job_id}", params={"since": 1, "inline": 1}).json()
     assert [f["index"] for f in later["frames"]] == [2]
     assert Image.open(io.BytesIO(base64.b64decode(later["frames"][0]["data"]))).size == (8, 8)
@@ -94,6 +94,17 @@ def test_job_view_follows_the_worker(api_server: ApiServer) -> None:
         assert Image.open(io.BytesIO(r.content)).size == (8, 8)
     _error(httpx.get(f"{api_server.url}/jobs/{job_id}/frames/3.png"), 404, "not_found")
     _error(httpx.get(f"{api_server.url}/jobs/{job_id}/images/2.png"), 404, "not_found")
+
+
+def test_a_job_handed_back_by_its_worker_says_so(api_server: ApiServer) -> None:
+    job_id = _submit(api_server, steps=2)
+    store = _store(api_server)
+    store.start(job_id, "w1")
+    store.requeued(job_id, "worker w1 stopped")  # what a stopping worker (or the reaper of a dead one) does
+    job = httpx.get(f"{api_server.url}/jobs/{job_id}").json()
+    assert job["status"] == "queued" and job["attempt"] == 1
+    store.start(job_id, "w2")
+    assert httpx.get(f"{api_server.url}/jobs/{job_id}").json()["attempt"] == 2
 
 
 def test_failed_job_reports_its_error(api_server: ApiServer) -> None:
