@@ -241,7 +241,7 @@ class Worker:
                 metrics.WORKER_ERRORS.labels("redis").inc()
                 log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, 5.0)
 
     def _admit(self, engine: Engine) -> None:
         """Claim queued jobs while the batch has room: wait up to 1 s for one when idle, never when busy."""

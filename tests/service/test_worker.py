@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import signal
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -277,3 +278,27 @@ def test_a_plain_rq_simple_worker_runs_a_job_through_run_job(redis_url: str, tin
     assert rec is not None and rec["status"] == "succeeded" and len(images(store, job_id, 2)) == 2
     rq_job = Queue(store.queue_name, connection=store.redis).fetch_job(job_id)
     assert rq_job is not None and rq_job.return_value() == {"status": "succeeded"}
+
+
+def test_the_worker_rides_out_a_redis_restart(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Redis goes away and comes back (same port, persisted data): the worker resumes without a restart."""
+    from service.redis_server import RedisServer, free_port
+
+    port = free_port()
+    server = RedisServer(port=port, data_dir=tmp_path / "redis", appendonly=True).start()
+    worker = WorkerProcess([sys.executable, "-m", "service.cli", "worker", "--redis-url", server.url, "--checkpoint",
+                            f"tiny={tiny_checkpoint}", "--device", "cpu", "--metrics-port", "0", "--name", "phoenix"],
+                           0, "phoenix", tmp_path / "phoenix.log")
+    try:
+        worker.wait_ready(server.url)
+        server.stop()
+        time.sleep(2.0)
+        assert worker.proc.poll() is None, worker.log()
+        server.start()
+        store = JobStore(connect(server.url, timeout=5.0))
+        rec = wait_for(store, submit(store), timeout=60)
+        assert rec["status"] == "succeeded" and rec["worker"] == "phoenix"
+        eventually(lambda: [w["name"] for w in store.live_workers()] == ["phoenix"])
+    finally:
+        assert worker.stop() == 0, worker.log()
+        server.cleanup()
