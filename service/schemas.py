@@ -53,7 +53,7 @@ class RequestInvalid(ValueError):
 class GenerateRequest(BaseModel):
     """``POST /generate``. Omitted options get defaults (see ``resolve_request``)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"num_images": 4, "steps": 100}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"num_images": 4, "seed": 42}]})
 
     num_images: int = Field(1, ge=1, description="images to generate (1..DDPM_MAX_NUM_IMAGES)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"0..{MAX_SEED}; random when omitted. Image i "
