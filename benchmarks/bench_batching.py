@@ -72,7 +72,8 @@ def submit(store: JobStore, model: ServedModel, n: int, steps: int, first_seed: 
 def run(model: ServedModel, store: JobStore, specs: list[JobSpec], concurrent: bool, max_batch: int
         ) -> tuple[float, list[TickStats]]:
     lanes = Lanes(threads=2)
-    engine = Engine({model.name: model}, StoreSink(store, lanes), max_batch_size=max_batch)
+    engine = Engine({model.name: model}, StoreSink(store, lanes), max_batch_size=max_batch,
+                    sync_forward=model.device.type == "cuda")  # time the forward itself, not its launch
     ticks: list[TickStats] = []
     start = time.perf_counter()
     for group in ([specs] if concurrent else [[s] for s in specs]):

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -81,11 +81,6 @@ class Lanes:
             idle = self._idle.get(key)
         return True if idle is None else idle.wait(timeout)
 
-    def busy(self) -> int:
-        """Lanes with tasks queued or running."""
-        with self._lock:
-            return len(self._queues)
-
     def close(self) -> None:
         """Run every queued task, then stop the threads."""
         with self._lock:
@@ -93,16 +88,3 @@ class Lanes:
         for key in keys:
             self.drain(key)
         self._pool.shutdown(wait=True)
-
-    def call(self, key: str, fn: Callable[[], object]) -> Future[object]:
-        """Submit ``fn`` on ``key``'s lane and return a future of its result (for callers that must wait)."""
-        future: Future[object] = Future()
-
-        def task() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self.submit(key, task)
-        return future
