@@ -16,7 +16,12 @@ all expiring after the job TTL:
 ``ddpm:job:{id}:cancel``               present when a cancel was asked for
 ``ddpm:workers``                       sorted set: worker name -> last heartbeat (epoch seconds)
 ``ddpm:worker:{name}``                 JSON about a live worker (models, device), expiring with its heartbeat
+``ddpm:reaper``                        short lock: one worker at a time reaps jobs of dead workers
 =====================================  =================================================================
+
+RQ jobs are enqueued with ``Retry(max=max_retries)`` (default 1): the run after a worker died mid-job. The worker
+side of RQ (``WorkerSession``) claims jobs with RQ's own dequeue and execution records and ends them through
+RQ's success, failure and cancel handling, so RQ's registries mean what RQ means by them.
 
 Final images and the ``succeeded`` status are written in one MULTI/EXEC transaction, so a crash while writing
 never leaves a job that says ``succeeded`` without its images. Redis errors surface as ``StoreUnavailable``.
