@@ -417,7 +417,7 @@ class WorkerSession:
         self.store = store
         self.lease = lease
         self.name = name
-        self._rq = _LeasedWorker([store.queue_name], name=name, connection=client, worker_ttl=max(lease, 16),
+        self._rq: Any = _LeasedWorker([store.queue_name], name=name, connection=client, worker_ttl=max(lease, 16),
                                  default_result_ttl=store.ttl)
         self._lock = threading.Lock()
         self.claims: dict[str, Claim] = {}
@@ -525,6 +525,37 @@ class WorkerSession:
             with self._rq.connection.pipeline() as pipe:
                 self._rq.cleanup_execution(claim.job, pipe, claim.execution)
                 pipe.execute()
+
+    def maintain(self) -> None:
+        """RQ's periodic housekeeping, at most every 10 minutes and by one worker at a time (RQ's lock): expired
+        entries of the finished/failed/canceled registries, dead workers, and job ids stranded in RQ's
+        intermediate queue by a worker that died between dequeuing and starting them (RQ fails those; their
+        user-facing state follows)."""
+        from rq import worker_registration
+        from rq.job import JobStatus
+        from rq.utils import now
+
+        rq = self._rq
+        if not rq.should_run_maintenance_tasks:
+            return
+        queue = rq.queues[0]
+        with _translate_errors():
+            if queue.acquire_maintenance_lock():
+                try:
+                    for registry in (queue.finished_job_registry, queue.failed_job_registry,
+                                     queue.canceled_job_registry):
+                        registry.cleanup()
+                    worker_registration.clean_worker_registry(queue)
+                    stranded = [j for j in queue.intermediate_queue.get_job_ids() if j not in self.claims]
+                    queue.intermediate_queue.cleanup(rq, queue)
+                    for job_id in stranded:
+                        job = queue.fetch_job(job_id)
+                        if job is not None and job.get_status() == JobStatus.FAILED:
+                            self.store.fail(job_id, "worker_lost", "the worker that took this job stopped before "
+                                                                   "starting it; submit the request again")
+                finally:
+                    queue.release_maintenance_lock()
+            rq.last_cleaned_at = now()
 
     def reap_abandoned(self) -> list[str]:
         """Jobs whose worker stopped renewing its lease: RQ retries them (if they have retries left) or moves

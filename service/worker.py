@@ -284,6 +284,7 @@ class Worker:
                 self.store.heartbeat(self.name, self.info(), ttl_seconds=HEARTBEAT_TTL_SECONDS)
                 self.session.renew()
                 self.session.reap_abandoned()
+                self.session.maintain()
             except StoreUnavailable as exc:
                 metrics.WORKER_ERRORS.labels("redis").inc()
                 log.warning("heartbeat failed: %s", exc)
