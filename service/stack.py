@@ -11,8 +11,6 @@ which then stops them in order. This module knows process management only; the c
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -30,20 +28,13 @@ from pydantic import ValidationError
 
 from model.checkpoint import CheckpointError, read_metadata
 from service.api import add_common_flags, settings_from_args
-from service.redis_server import RedisServer
+from service.redis_server import RedisServer, die_with_parent
 from service.settings import DEMO_CHECKPOINT, Settings
 
 __all__ = ["Stack", "StackError", "configure_parser", "main"]
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "ddpm" / "redis"
-
-
-def _die_with_parent() -> None:
-    """In a child before exec (Linux): SIGTERM it if this supervisor dies, even by SIGKILL, so no orphans stay."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 class StackError(RuntimeError):
@@ -104,7 +95,7 @@ class Stack:
         log.info("starting %s: %s", name, " ".join(cmd))
         # The children's logs go to stderr, so stdout carries only the "ready" line (scripts can read the URL).
         self.children[name] = subprocess.Popen(cmd, start_new_session=True, env=os.environ.copy(), stdout=sys.stderr,
-                                               preexec_fn=_die_with_parent)
+                                               preexec_fn=die_with_parent)
 
     def dead_child(self) -> str | None:
         """The name of a child that exited, if any."""
