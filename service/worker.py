@@ -36,7 +36,7 @@ import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
-from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel
+from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel, TickStats
 from service.previews import Lanes, encode_frame, encode_images
 from service.queue import JobState, JobStore, StoreUnavailable, WorkerSession, connect
 from service.settings import Settings, get_settings, parse_checkpoints
@@ -264,6 +264,10 @@ class Worker:
         except JobRejected as exc:
             log.info("job %s rejected: %s", job_id, exc)
             self.sink.failed(job_id, exc.code, exc.message)
+        except Exception as exc:  # e.g. out of memory while drawing x_T: this job fails, the worker goes on
+            log.exception("job %s could not start", job_id)
+            self.sink.failed(job_id, "internal", f"the job could not start ({type(exc).__name__}: {exc}); "
+                                                 "try again, with fewer images if this persists")
 
     def _expire_overdue(self, engine: Engine) -> None:
         now = time.time()
@@ -272,7 +276,7 @@ class Worker:
                 self.sink.failed(job_id, "timeout", f"the job ran longer than the {claim.timeout} s limit; "
                                                     "ask for fewer images or steps")
 
-    def _observe(self, stats: Any) -> None:
+    def _observe(self, stats: TickStats) -> None:
         for model, (images, _seconds) in stats.per_model.items():
             metrics.STEP_DURATION.labels(model).observe(stats.total_s)
             metrics.STEP_BATCH_SIZE.labels(model).observe(images)
