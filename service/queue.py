@@ -17,6 +17,7 @@ all expiring after the job TTL:
 ``ddpm:workers``                       sorted set: worker name -> last heartbeat (epoch seconds)
 ``ddpm:worker:{name}``                 JSON about a live worker (models, device), expiring with its heartbeat
 ``ddpm:reaper``                        short lock: one worker at a time reaps jobs of dead workers
+``ddpm:ratelimit:{client}:{window}``   the API's request count of a client (key digest) in a one-minute window
 =====================================  =================================================================
 
 RQ jobs are enqueued with ``Retry(max=max_retries)`` (default 1): the run after a worker died mid-job. The worker
@@ -334,6 +335,18 @@ class JobStore:
         with _translate_errors():
             self.redis.delete(f"ddpm:worker:{worker}")
             self.redis.zrem("ddpm:workers", worker)
+
+    def count_request(self, client: str, window_seconds: int = 60) -> tuple[int, int]:
+        """Count one request of ``client`` (an opaque id, never a secret) in the current fixed window:
+        returns (requests in this window so far, seconds until the window ends)."""
+        window = int(time.time()) // window_seconds
+        key = f"ddpm:ratelimit:{client}:{window}"
+        with _translate_errors():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.incr(key)
+            pipe.expire(key, window_seconds + 1)
+            count, _ = pipe.execute()
+        return int(count), max(1, (window + 1) * window_seconds - int(time.time()))
 
     def sync_progress(self, progress: Sequence[tuple[str, int, int, int]], active: Sequence[str]) -> set[str]:
         """The worker's once-per-step call, one round-trip: write ``(job_id, step, total, t)`` progress records
