@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -37,6 +37,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
 from model.checkpoint import CheckpointError, read_metadata
 from service import metrics
@@ -59,8 +60,10 @@ from service.web import (
     ApiError,
     BodyLimitMiddleware,
     MetricsMiddleware,
+    client_id,
     install_error_handlers,
     key_digests,
+    rate_limit,
     require_key,
     responses,
 )
@@ -289,18 +292,57 @@ def _valid_event_id(value: str | None) -> str:
     return "0"
 
 
+class _CountedStream(StreamingResponse):
+    """An SSE response that gives its client's stream slot back however it ends (finished, client gone,
+    error), even if the body never started."""
+
+    def __init__(self, body: AsyncIterator[str], release: Callable[[], None]):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+def _take_stream_slot(request: Request) -> Callable[[], None]:
+    """One of the client's ``max_sse_per_client`` SSE slots (429 ``too_many_streams`` when all are in use);
+    returns the function that gives it back (idempotent). Runs on the event loop: no lock needed."""
+    open_now: dict[str, int] = request.app.state.sse_open
+    who, limit = client_id(request), _settings(request).max_sse_per_client
+    if open_now.get(who, 0) >= limit:
+        raise ApiError(429, "too_many_streams", f"at most {limit} event streams per client at a time; close one "
+                                                "or poll GET /jobs/{id}", headers={"Retry-After": "1"})
+    open_now[who] = open_now.get(who, 0) + 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            open_now[who] -= 1
+            if open_now[who] <= 0:
+                del open_now[who]
+
+    return release
+
+
 @jobs.get("/jobs/{job_id}/events", response_class=StreamingResponse,
           responses={200: {"content": {"text/event-stream": {}},
                            "description": "SSE: queued, running, progress, frame, then succeeded|failed|canceled"},
-                     **responses(401, 403, 404, 503)})
+                     **responses(401, 403, 404, 429, 503)})
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     """Server-Sent Events of a job. Each event's id is its Redis stream id; reconnecting with
-    ``Last-Event-ID`` replays what was missed. The stream closes after the terminal event."""
+    ``Last-Event-ID`` replays what was missed. The stream closes after the terminal event. A client may hold
+    ``DDPM_MAX_SSE_PER_CLIENT`` streams at a time (429 beyond)."""
     store: JobStore = request.app.state.store
     await anyio.to_thread.run_sync(_get_job, store, job_id)  # 404 / 503 before the stream starts
     last_id = _valid_event_id(request.headers.get("last-event-id") or request.query_params.get("last_event_id"))
-    return StreamingResponse(_event_stream(request, job_id, last_id), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    release = _take_stream_slot(request)
+    return _CountedStream(_event_stream(request, job_id, last_id), release)
 
 
 @info.get("/models", response_model=ModelsView, responses=responses(401, 403))
@@ -388,10 +430,13 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     app.state.key_digests = key_digests(settings.api_keys)  # the app keeps the keys' digests only
     app.state.settings = settings.model_copy(update={"api_keys": []})
     app.state.catalog = ModelCatalog(settings.checkpoints)
-    app.state.limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps)
+    app.state.limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps,
+                              settings.max_frames_per_job)
+    app.state.sse_open = {}  # client id -> SSE streams open now (this process)
     app.state.sse_keepalive_s, app.state.sse_block_ms = sse_keepalive_s, sse_block_ms
     # Without keys the routes are open and the OpenAPI schema declares no security.
     protected = [Depends(require_key)] if settings.api_keys else []
+    protected.append(Depends(rate_limit))  # a no-op unless rate_limit_per_minute is set
     app.include_router(jobs, dependencies=protected)
     app.include_router(info, dependencies=protected)
     app.include_router(health)

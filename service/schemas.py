@@ -32,6 +32,7 @@ __all__ = [
     "ReadyView",
     "RequestInvalid",
     "ResolvedRequest",
+    "frame_count",
     "resolve_request",
 ]
 
@@ -75,6 +76,7 @@ class Limits:
     max_num_images: int
     max_steps: int
     max_image_steps: int
+    max_frames: int = 100
 
     def ranges(self) -> dict[str, tuple[float, float | str]]:
         """Each bounded field's allowed (min, max), for messages and the OpenAPI schema."""
@@ -105,6 +107,12 @@ def _bounded(field: str, value: float, lo: float, hi: float) -> None:
         raise RequestInvalid(field, f"must be between {lo} and {hi} (got {value})")
 
 
+def frame_count(steps: int, preview_every: int) -> int:
+    """Frames a job of ``steps`` steps makes with one every ``preview_every`` steps: steps 0, every, 2 every...
+    and always the last one (the worker's rule)."""
+    return math.ceil(steps / preview_every) + (0 if (steps - 1) % preview_every == 0 else 1)
+
+
 def resolve_request(req: GenerateRequest, limits: Limits, models: dict[str, dict[str, Any]],
                     default_model: str) -> ResolvedRequest:
     """Check ``req`` against ``limits`` and the chosen model's metadata; fill defaults.
@@ -132,6 +140,12 @@ def resolve_request(req: GenerateRequest, limits: Limits, models: dict[str, dict
         raise RequestInvalid("eta", f"must be between 0 and 1 (got {req.eta})")
     preview_every = max(1, math.ceil(steps / 20)) if req.preview_every is None else req.preview_every
     _bounded("preview_every", preview_every, 1, steps)
+    least = next((e for e in range(1, steps + 1) if frame_count(steps, e) <= limits.max_frames), steps)
+    if req.preview_every is None:
+        preview_every = max(preview_every, least)  # the default respects the frame bound too
+    if preview_every < least:
+        raise RequestInvalid("preview_every", f"at most {limits.max_frames} frames per job: with {steps} steps "
+                                              f"preview_every must be at least {least} (got {preview_every})")
     return ResolvedRequest(num_images=req.num_images, seed=seed, steps=steps, sampler=req.sampler,
                            eta=float(req.eta), variance=req.variance or str(diffusion.get("variance", "fixedlarge")),
                            preview_every=preview_every, model=model)

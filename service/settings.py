@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     max_image_steps: int = Field(16 * 1000, ge=1, description="num_images x steps per job")
     max_queue_length: int = Field(100, ge=1)
     max_body_bytes: int = Field(16 * 1024, ge=256)
+    max_frames_per_job: int = Field(100, ge=2, description="x0-hat preview frames one job may produce")
+    max_sse_per_client: int = Field(8, ge=1, description="concurrent SSE streams per client (API key, else "
+                                                         "address) in one API process; 429 beyond")
+    rate_limit_per_minute: int = Field(0, ge=0, description="requests per minute per API key (per client address "
+                                                            "when no keys are set), counted in Redis; 0 = off")
 
     # Lifetimes (seconds)
     job_ttl_seconds: int = Field(24 * 3600, ge=60, description="how long job records, frames and images live")

@@ -6,6 +6,7 @@ keys (it maps ``StoreUnavailable`` and ``QueueFull`` from ``service.queue`` to 5
     RequestValidationError, RequestInvalid -> 422 invalid_request (the field and its allowed range or values)
     StarletteHTTPException           -> its status (404 unknown route, 405, 400 unreadable body)
     StoreUnavailable -> 503 store_unavailable (Retry-After)      QueueFull -> 429 queue_full (Retry-After)
+    rate_limit (per key and minute, counted in Redis) -> 429 rate_limited (Retry-After)
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from service import metrics
 from service.queue import QueueFull, StoreUnavailable
 from service.schemas import ErrorBody, GenerateRequest, Limits, RequestInvalid
 
-__all__ = ["ApiError", "BodyLimitMiddleware", "MetricsMiddleware", "error_response", "install_error_handlers",
-           "key_digests", "require_key", "responses"]
+__all__ = ["ApiError", "BodyLimitMiddleware", "MetricsMiddleware", "client_id", "error_response",
+           "install_error_handlers", "key_digests", "rate_limit", "require_key", "responses"]
 
 log = logging.getLogger(__name__)
 STORE_RETRY_AFTER = 2  # seconds suggested to clients when Redis is unreachable
@@ -136,6 +137,32 @@ def require_key(request: Request,
         matched |= hmac.compare_digest(digest, known)
     if not matched:
         raise ApiError(403, "forbidden", "the API key is not valid")
+    request.state.client_id = "key-" + digest.hex()[:16]  # names the key's digest, never the key
+
+
+def client_id(request: Request) -> str:
+    """Who is asking, for per-client limits: the API key's digest prefix once ``require_key`` passed, else
+    the client's address."""
+    known = getattr(request.state, "client_id", None)
+    if known:
+        return str(known)
+    return "addr-" + (request.client.host if request.client else "unknown")
+
+
+def rate_limit(request: Request) -> None:
+    """``settings.rate_limit_per_minute`` requests per client and minute, counted in Redis (shared by every
+    API replica): 429 ``rate_limited`` with Retry-After beyond it. Fails open while Redis is unreachable (the
+    routes that need Redis answer 503 on their own)."""
+    limit = request.app.state.settings.rate_limit_per_minute
+    if limit <= 0:
+        return
+    try:
+        count, retry_after = request.app.state.store.count_request(client_id(request))
+    except StoreUnavailable:
+        return
+    if count > limit:
+        raise ApiError(429, "rate_limited", f"at most {limit} requests per minute per client; retry in "
+                                            f"{retry_after} s", headers={"Retry-After": str(retry_after)})
 
 
 # ---- error handlers ----------------------------------------------------------------------------------------
