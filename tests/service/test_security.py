@@ -138,7 +138,8 @@ def test_api_keys_never_appear_in_logs(make_api: Callable[..., ApiServer], caplo
     for headers in (good, bad, {}):
         httpx.get(f"{api.url}/jobs/{job_id}", headers=headers)
         httpx.post(f"{api.url}/generate", json={"steps": 1}, headers=headers)  # 202/429, 403, 401
-    assert secret not in repr(api.server.config.app.state.__dict__)  # the app keeps digests only
+    app: Any = api.server.config.app
+    assert secret not in repr(app.state.__dict__)  # the app keeps digests only
     out, err = capfd.readouterr()
     for text in (caplog.text, out, err):
         assert secret not in text and wrong not in text
