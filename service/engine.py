@@ -16,6 +16,12 @@ with others; its chain, noise streams and updates are its own, so its images do 
 as long as the forward's rows don't depend on the batch. On the CPU, oneDNN convolutions give row-identical
 results for every batch of 2 or more images but a different kernel (last-bit differences) for a batch of 1;
 ``batch_invariant`` therefore pads a lone image to a batch of 2 (measured cost in benchmarks/README.md).
+The inference options (``model.inference``: bf16 autocast, channels_last, compile, CUDA graphs) change the
+forward's precision and kernels, not this property: with bf16 autocast or channels_last on the CPU a job's
+images are still identical alone or batched (tested), only different from fp32's.
+
+No host<->device synchronisation in a tick: schedules and timesteps are device tensors, the step counters are
+Python ints, and the only reads back to the host are the sink's, on frames and final images.
 
 This module knows the sampler and torch; it does not know Redis, RQ, HTTP or PNG files (the sink does).
 """
@@ -33,6 +39,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.config import VARIANCE_TYPES
 from model.diffusion import GaussianDiffusion
+from model.inference import InferenceOptions, PreparedUNet, buckets, default_options, prepare
 from model.sampler import SAMPLERS, Chain, ImageNoise, SamplerName
 from model.unet import UNet
 
@@ -85,10 +92,11 @@ class Progress:
 
 
 class ServedModel:
-    """A loaded checkpoint ready to serve: the U-Net (eval mode, time embeddings cached) and its process."""
+    """A loaded checkpoint ready to serve: the U-Net (eval mode, time embeddings cached) prepared with the
+    inference ``options`` (default: ``model.inference.default_options`` for its device), and its process."""
 
     def __init__(self, name: str, unet: UNet, diffusion: GaussianDiffusion, *, batch_invariant: bool = False,
-                 metadata: Mapping[str, Any] | None = None):
+                 metadata: Mapping[str, Any] | None = None, options: InferenceOptions | None = None):
         self.name, self.unet, self.diffusion = name, unet, diffusion
         self.device = next(unet.parameters()).device
         cfg = unet.config
@@ -97,23 +105,30 @@ class ServedModel:
         self.metadata = dict(metadata or {})
         unet.eval()
         unet.cache_time_embeddings(diffusion.num_timesteps)
+        self.eps_fn: PreparedUNet = prepare(unet, options or default_options(self.device), self.device)
+        self.options = self.eps_fn.options
 
     @classmethod
-    def load(cls, name: str, path: str, device: torch.device | str, *, batch_invariant: bool = False
-             ) -> ServedModel:
+    def load(cls, name: str, path: str, device: torch.device | str, *, batch_invariant: bool = False,
+             options: InferenceOptions | None = None) -> ServedModel:
         ckpt = load_checkpoint(path, device=device)
-        return cls(name, ckpt.unet, ckpt.diffusion, batch_invariant=batch_invariant, metadata=ckpt.metadata)
+        return cls(name, ckpt.unet, ckpt.diffusion, batch_invariant=batch_invariant, metadata=ckpt.metadata,
+                   options=options)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps for a batch; a lone image is padded to two rows when ``batch_invariant`` (see module doc)."""
-        with torch.inference_mode():
-            if self.batch_invariant and x_t.shape[0] == 1:
-                return self.unet(x_t.expand(2, *x_t.shape[1:]), t.expand(2))[:1]
-            return self.unet(x_t, t)
+        """eps (fp32) for a batch; a lone image is padded to two rows when ``batch_invariant`` (module doc)."""
+        if self.batch_invariant and x_t.shape[0] == 1:
+            return self.eps_fn(x_t.expand(2, *x_t.shape[1:]), t.expand(2))[:1]
+        return self.eps_fn(x_t, t)
 
-    def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
-        """One forward per batch size, so the first job doesn't pay for kernel selection and allocation."""
-        for b in batch_sizes:
+    def warm_up(self, batch_sizes: Sequence[int] | None = None) -> None:
+        """One forward per batch size, so the first job doesn't pay for kernel selection and allocation.
+
+        Default: 1 and 2, or with CUDA graphs every bucket size (each is captured here, not during a job).
+        """
+        if batch_sizes is None:
+            batch_sizes = buckets(self.options.max_batch_size) if self.options.cuda_graphs else (1, 2)
+        for b in sorted(set(batch_sizes), reverse=True):  # the largest first: the graphs' shared pool fits the rest
             x = torch.zeros(b, *self.shape, device=self.device)
             self.forward(x, torch.zeros(b, dtype=torch.long, device=self.device))
 

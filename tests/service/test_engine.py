@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.inference import InferenceOptions, default_options
 from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel
 
 
@@ -192,3 +193,52 @@ def test_hand_back_all_empties_the_engine(tiny: ServedModel) -> None:
     engine.tick()
     assert engine.hand_back_all("stopping") == ["a", "b"]
     assert engine.idle and sink.events == [("handed_back", "a"), ("handed_back", "b")]
+
+
+# ---- the fast inference path (model.inference) through the engine -------------------------------------------
+@pytest.mark.parametrize("options", [InferenceOptions(precision="bf16"),
+                                     InferenceOptions(precision="bf16", channels_last=True),
+                                     InferenceOptions(channels_last=True)], ids=lambda o: o.describe())
+def test_batch_invariance_holds_with_bf16_and_channels_last_on_the_cpu(tiny_checkpoint: Path,
+                                                                        options: InferenceOptions) -> None:
+    model = ServedModel.load("tiny", str(tiny_checkpoint), "cpu", batch_invariant=True, options=options)
+    assert model.options == options
+    alone = RecordingSink()
+    engine = Engine({"tiny": model}, alone)
+    engine.add(spec("a", seed=5, steps=12))
+    run(engine)
+
+    batched = RecordingSink()
+    engine = Engine({"tiny": model}, batched, max_batch_size=16)
+    engine.add(spec("b", num_images=3, seed=9, steps=20))
+    engine.tick()
+    engine.add(spec("a", seed=5, steps=12))
+    engine.add(spec("c", num_images=5, seed=1, steps=4))
+    sizes = run(engine)
+    assert len(set(sizes)) > 1  # "a" ran in batches of several sizes
+    assert torch.equal(batched.images["a"], alone.images["a"])  # bit for bit, as with fp32
+
+
+def test_served_model_defaults_to_the_devices_default_options(tiny: ServedModel) -> None:
+    assert tiny.options == default_options("cpu")
+    assert tiny.options.describe() == "fp32"
+
+
+def test_worker_inference_flags_override_env_which_overrides_the_device_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from service.worker import configure_parser, inference_options, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    cpu = torch.device("cpu")
+    assert inference_options(settings_from_args(parser.parse_args([])), cpu) == default_options(cpu)
+    monkeypatch.setenv("DDPM_PRECISION", "bf16")
+    monkeypatch.setenv("DDPM_CHANNELS_LAST", "true")
+    from_env = inference_options(settings_from_args(parser.parse_args([])), cpu)
+    assert (from_env.precision, from_env.channels_last) == ("bf16", True)
+    args = parser.parse_args(["--precision", "fp32", "--no-channels-last", "--cuda-graphs", "--max-batch-size", "8"])
+    chosen = inference_options(settings_from_args(args), cpu)
+    assert (chosen.precision, chosen.channels_last, chosen.max_batch_size) == ("fp32", False, 8)
+    assert chosen.cuda_graphs is False  # asked for, but this is not a CUDA device
