@@ -1,7 +1,9 @@
 """``ddpm worker``: a resident-model generation worker that batches the jobs it runs.
 
-Start-up loads every served checkpoint once (CUDA when present), warms it up, registers with RQ and starts a
-heartbeat thread and the metrics/health server. The main thread is the *denoising thread*:
+Start-up loads every served checkpoint once (CUDA when present), prepares it with the inference options
+(``--precision``, ``--channels-last``, ``--compile``, ``--cuda-graphs``; defaults from
+``model.inference.default_options`` for the device), warms it up, registers with RQ and starts a heartbeat
+thread and the metrics/health server. The main thread is the *denoising thread*:
 
     loop:  admit queued jobs while the batch has room (block briefly only when idle)
            engine.tick()       one U-Net forward for all active jobs + one Redis round-trip (progress, cancels)
@@ -27,6 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -35,6 +38,7 @@ from typing import Any, TypeVar
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from model.inference import InferenceOptions, default_options
 from service import metrics
 from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel, TickStats
 from service.previews import Lanes, encode_frame, encode_images
@@ -57,6 +61,16 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but no CUDA device is available")
     return torch.device(device)
+
+
+def inference_options(settings: Settings, device: torch.device) -> InferenceOptions:
+    """The device's default options (``model.inference.default_options``) with what the settings set."""
+    options = default_options(device, settings.max_batch_size)
+    chosen: dict[str, Any] = {name: getattr(settings, name) for name in ("channels_last", "compile", "cuda_graphs")
+                              if getattr(settings, name) is not None}
+    if settings.precision != "auto":
+        chosen["precision"] = settings.precision
+    return replace(options, **chosen).for_device(device)
 
 
 def _retrying(fn: Callable[[], T], what: str, attempts: int = 30) -> T:
@@ -157,6 +171,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.device = pick_device(device or settings.device)
         self.batch_invariant = self.device.type == "cpu" if batch_invariant is None else batch_invariant
+        self.options = inference_options(settings, self.device)
         self.stop_grace = stop_grace
         self.beat_every = min(HEARTBEAT_SECONDS, lease_seconds / 3)
         self.store = JobStore(connect(settings.redis_url, timeout=5.0), queue_name=settings.queue_name,
@@ -174,8 +189,9 @@ class Worker:
     # ---- start-up --------------------------------------------------------------------------------------------
     def load(self) -> None:
         for name, path in self.settings.checkpoints.items():
-            log.info("loading model %s from %s on %s", name, path, self.device)
-            model = ServedModel.load(name, path, self.device, batch_invariant=self.batch_invariant)
+            log.info("loading model %s from %s on %s (%s)", name, path, self.device, self.options.describe())
+            model = ServedModel.load(name, path, self.device, batch_invariant=self.batch_invariant,
+                                     options=self.options)
             model.warm_up()
             self.models[name] = model
         self.engine = Engine(self.models, self.sink, max_batch_size=self.settings.max_batch_size)
@@ -183,7 +199,9 @@ class Worker:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "models": list(self.models), "device": str(self.device),
-                "max_batch_size": self.settings.max_batch_size, "pid": os.getpid()}
+                "max_batch_size": self.settings.max_batch_size, "pid": os.getpid(),
+                "inference": {name: getattr(self.options, name)
+                              for name in ("precision", "channels_last", "compile", "cuda_graphs")}}
 
     def healthy(self) -> bool:
         return bool(self.models) and time.monotonic() - self.loop_alive_at < LOOP_STALL_SECONDS
@@ -343,7 +361,8 @@ def serve_metrics(worker: Worker, host: str, port: int) -> ThreadingHTTPServer:
 def _standalone_models() -> Mapping[str, ServedModel]:
     settings = get_settings()
     device = pick_device(settings.device)
-    return {name: ServedModel.load(name, path, device, batch_invariant=device.type == "cpu")
+    options = inference_options(settings, device)
+    return {name: ServedModel.load(name, path, device, batch_invariant=device.type == "cpu", options=options)
             for name, path in settings.checkpoints.items()}
 
 
@@ -385,6 +404,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
     parser.add_argument("--max-batch-size", type=int,
                         help="most images in one U-Net forward, across jobs (env DDPM_MAX_BATCH_SIZE)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                        help="U-Net precision: bf16 autocast or fp32 (env DDPM_PRECISION; auto: bf16 on CUDA)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC memory layout for the U-Net (env DDPM_CHANNELS_LAST; default: on for CUDA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the U-Net at start (env DDPM_COMPILE; default: off)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="CUDA graphs per power-of-two batch bucket, CUDA only "
+                             "(env DDPM_CUDA_GRAPHS; default: off)")
     parser.add_argument("--name", help="worker name (default: host-pid)")
     parser.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
                         help="pad lone images so results never depend on the batch (auto: on for CPU)")
@@ -397,7 +425,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for flag, field in (("redis_url", "redis_url"), ("device", "device"), ("metrics_port", "worker_metrics_port"),
-                        ("max_batch_size", "max_batch_size")):
+                        ("max_batch_size", "max_batch_size"), ("precision", "precision"),
+                        ("channels_last", "channels_last"), ("compile", "compile"), ("cuda_graphs", "cuda_graphs")):
         if getattr(args, flag, None) is not None:
             overrides[field] = getattr(args, flag)
     if args.checkpoint:
@@ -418,8 +447,9 @@ def main(args: argparse.Namespace) -> int:
     except Exception as exc:
         log.error("could not load the models: %s", exc)
         return 1
-    log.info("worker %s ready on %s: models %s, max batch %d images, batch-invariant %s", worker.name,
-             worker.device, list(worker.models), settings.max_batch_size, worker.batch_invariant)
+    log.info("worker %s ready on %s: models %s, max batch %d images, batch-invariant %s, inference %s",
+             worker.name, worker.device, list(worker.models), settings.max_batch_size, worker.batch_invariant,
+             worker.options.describe())
     try:
         return worker.run()
     finally:
