@@ -382,8 +382,8 @@ def readyz(request: Request, store: Store) -> ReadyView:
     return ReadyView(status="ready", workers=serving)
 
 
-def _document_limits(app: FastAPI, limits: Limits) -> None:
-    """Put this server's numeric limits into the OpenAPI schema of ``GenerateRequest``."""
+def _document_limits(app: FastAPI, limits: Limits, models: list[str]) -> None:
+    """Put this server's numeric limits and model names into the OpenAPI schema of ``GenerateRequest``."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -395,6 +395,9 @@ def _document_limits(app: FastAPI, limits: Limits) -> None:
                 for option in props[name].get("anyOf", [props[name]]):
                     if option.get("type") == "integer":
                         option["maximum"] = limits.max_steps
+            for option in props["model"].get("anyOf", [props["model"]]):
+                if option.get("type") == "string":
+                    option["enum"] = models
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -447,7 +450,7 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
         return FileResponse(STATIC_DIR / "index.html")
 
     install_error_handlers(app)
-    _document_limits(app, app.state.limits)
+    _document_limits(app, app.state.limits, list(settings.checkpoints))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "MAX_SEED",
@@ -67,6 +67,13 @@ class GenerateRequest(BaseModel):
     preview_every: int | None = Field(None, ge=1, description="an x0-hat frame every this many steps "
                                                               "(1..steps); default about 20 frames per job")
     model: str | None = Field(None, description="a name from GET /models; default: the first served model")
+
+    @field_validator("num_images", "seed", "steps", "eta", "preview_every", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):  # pydantic would read true/false as 1/0
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 @dataclass(frozen=True)

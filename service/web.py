@@ -4,7 +4,8 @@ keys (it maps ``StoreUnavailable`` and ``QueueFull`` from ``service.queue`` to 5
 
     ApiError(status, code, message)  -> {"error": {"code", "message"}} with that status
     RequestValidationError, RequestInvalid -> 422 invalid_request (the field and its allowed range or values)
-    StarletteHTTPException           -> its status (404 unknown route, 405, 400 unreadable body)
+    StarletteHTTPException           -> its status (404 unknown route, 405 with every allowed method, 400 unreadable
+                                        body)
     StoreUnavailable -> 503 store_unavailable (Retry-After)      QueueFull -> 429 queue_full (Retry-After)
     rate_limit (per key and minute, counted in Redis) -> 429 rate_limited (Retry-After)
 """
@@ -22,13 +23,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.queue import QueueFull, StoreUnavailable
 from service.schemas import ErrorBody, GenerateRequest, Limits, RequestInvalid
 
-__all__ = ["ApiError", "BodyLimitMiddleware", "MetricsMiddleware", "client_id", "error_response",
+__all__ = ["ApiError", "BodyLimitMiddleware", "MetricsMiddleware", "allowed_methods", "client_id", "error_response",
            "install_error_handlers", "key_digests", "rate_limit", "require_key", "responses"]
 
 log = logging.getLogger(__name__)
@@ -193,10 +195,12 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return error_response(422, "invalid_request", _validation_message(exc, request.app.state.limits))
 
-    async def http_error(_: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail),
-                      dict(exc.headers) if exc.headers else None)
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:  # every method of the path, not just those of the first route that matched
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail), headers)
 
     async def store_down(_: Request, exc: Exception) -> Response:
         log.warning("redis unavailable: %s", exc)
@@ -213,6 +217,17 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(StoreUnavailable, store_down)
     app.add_exception_handler(QueueFull, queue_full)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app accepts for the request's path (for ``Allow``): each method is tried
+    against every route (included routers answer for the routes they hold)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 def key_digests(keys: list[str]) -> list[bytes]:
