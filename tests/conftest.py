@@ -28,3 +28,9 @@ def tiny_unet_config() -> UNetConfig:
 @pytest.fixture
 def short_diffusion_config() -> DiffusionConfig:
     return DiffusionConfig(num_timesteps=50)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-examples", type=int, default=None,
+                     help="examples per API operation in tests/service/test_fuzz.py (default: a CI-sized budget; "
+                          "`make fuzz` runs 2000)")

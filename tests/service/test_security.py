@@ -182,3 +182,23 @@ def test_job_ids_are_128_random_bits() -> None:
     for position in range(128):  # every bit varies, about half the time (not a counter, not a timestamp)
         ones = sum(b >> position & 1 for b in bits)
         assert 100 < ones < 300, position
+
+
+def test_405_lists_every_method_of_the_path(api_server: ApiServer) -> None:
+    r = httpx.request("OPTIONS", f"{api_server.url}/jobs/0123456789abcdef0123456789abcdef")
+    _error(r, 405, "method_not_allowed")
+    assert {m.strip() for m in r.headers["allow"].split(",")} >= {"GET", "DELETE"}
+    r = httpx.put(f"{api_server.url}/generate", json={})
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("field", ["num_images", "seed", "steps", "eta", "preview_every"])
+def test_booleans_are_not_numbers(api_server: ApiServer, field: str) -> None:
+    message = _error(httpx.post(f"{api_server.url}/generate", json={field: True}), 422, "invalid_request")
+    assert message.startswith(f"{field}:")
+
+
+def test_the_spec_names_the_served_models(api_server: ApiServer) -> None:
+    props = httpx.get(f"{api_server.url}/openapi.json").json()["components"]["schemas"]["GenerateRequest"]
+    options = props["properties"]["model"]["anyOf"]
+    assert {"type": "string", "enum": ["tiny"]} in options
