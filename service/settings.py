@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="images per U-Net forward pass in the worker")
     # The worker's inference path (model.inference); unset: model.inference.default_options for the device.
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="U-Net precision in the worker; auto: "
-                                                                          "bf16 autocast on CUDA, fp32 on the CPU")
+                                                                          "bf16 autocast on CUDA and on CPUs with "
+                                                                          "bf16 instructions, else fp32")
     channels_last: bool | None = Field(None, description="NHWC layout for the worker's U-Net; unset: on for CUDA")
     compile: bool | None = Field(None, description="torch.compile the worker's U-Net; unset: off")
     cuda_graphs: bool | None = Field(None, description="CUDA graphs per batch bucket in the worker; unset: off")

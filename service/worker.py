@@ -405,7 +405,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int,
                         help="most images in one U-Net forward, across jobs (env DDPM_MAX_BATCH_SIZE)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                        help="U-Net precision: bf16 autocast or fp32 (env DDPM_PRECISION; auto: bf16 on CUDA)")
+                        help="U-Net precision: bf16 autocast or fp32 (env DDPM_PRECISION; auto: bf16 on CUDA "
+                             "and on CPUs with bf16 instructions)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC memory layout for the U-Net (env DDPM_CHANNELS_LAST; default: on for CUDA)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

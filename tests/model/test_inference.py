@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import inference
 from model.config import UNetConfig
 from model.diffusion import GaussianDiffusion
 from model.images import to_uint8
@@ -36,9 +37,14 @@ def final_images(options: InferenceOptions, steps: int = T) -> torch.Tensor:
     return sample(eps_fn, diffusion, 4, (3, 8, 8), seed=3, steps=steps)
 
 
-def test_defaults_are_fp32_eager_on_the_cpu_and_bf16_channels_last_on_cuda() -> None:
+def test_defaults_are_bf16_channels_last_on_cuda_and_bf16_only_on_a_cpu_with_bf16_instructions(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
     cpu = default_options("cpu")
     assert (cpu.precision, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == ("fp32", False, False, False)
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    cpu = default_options("cpu")
+    assert (cpu.precision, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == ("bf16", False, False, False)
     cuda = default_options("cuda", max_batch_size=128)
     assert (cuda.precision, cuda.channels_last, cuda.compile, cuda.cuda_graphs) == ("bf16", True, False, False)
     assert cuda.max_batch_size == 128 and cuda.describe() == "bf16+channels_last"
