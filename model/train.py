@@ -13,9 +13,10 @@ alone, and the global RNG (dropout) is saved with each state, so ``--resume`` co
 global batch is drawn whole and then split over data-parallel ranks, so N processes compute the same update
 as one. Launch several processes with ``torchrun --nproc_per_node N -m service.cli train ...``.
 
-This module owns the training loop and the training-state file; the network, the diffusion maths, the
-servable checkpoint format and the datasets belong to ``model.unet``, ``model.diffusion``,
-``model.checkpoint`` and ``model.data``.
+This module owns the training loop and the ``ddpm train`` command. The network, the diffusion maths, the
+servable checkpoint format, the training-state file, the datasets and the config/flags belong to
+``model.unet``, ``model.diffusion``, ``model.checkpoint``, ``model.train_state``, ``model.data`` and
+``model.train_config``.
 """
 
 from __future__ import annotations
@@ -30,31 +31,36 @@ import sys
 import time
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 
-from model.checkpoint import atomic_save_safetensors, save_checkpoint
-from model.config import MODEL_PRESETS, DiffusionConfig, UNetConfig
+from model.checkpoint import save_checkpoint
+from model.config import MODEL_PRESETS
 from model.data import DatasetError, ImageSet, load_dataset, to_model_range
 from model.diffusion import GaussianDiffusion
 from model.ema import EMA
 from model.images import grid, save_png, strip
 from model.sampler import Chain, ImageNoise, sample_steps
-from model.train_config import RunConfig, TrainConfig, load_config_file, resolve_config
+from model.train_config import (
+    RunConfig,
+    TrainConfig,
+    add_override_flags,
+    load_config_file,
+    overrides_from_args,
+    resolve_config,
+)
+from model.train_state import ema_path, latest_state, optimizer_state, read_state, state_path, write_state
 from model.unet import UNet
 
-__all__ = ["STATE_FORMAT", "Trainer", "configure_parser", "latest_state", "main"]
+__all__ = ["BatchStream", "Trainer", "configure_parser", "main", "make_step_inputs"]
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "ddpm-train-state"
-STATE_VERSION = 1
 PREVIEW_SEED = 1234  # the same noise at every preview, so grids over training are comparable
 
 
@@ -142,60 +148,6 @@ def make_step_inputs(data: ImageSet, stream: BatchStream, step: int, cfg: TrainC
     return StepInputs(x0.to(device), t[part].to(device), noise[part].to(device))
 
 
-# ---- the training state file ---------------------------------------------------------------------------------
-def state_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"state-{step:08d}.safetensors"
-
-
-def ema_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"ema-{step:08d}.safetensors"
-
-
-def latest_state(run_dir: Path) -> Path | None:
-    """The newest training-state file of a run, or None."""
-    files = sorted((run_dir / "checkpoints").glob("state-*.safetensors"))
-    return files[-1] if files else None
-
-
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{pid}.{k}"] = v
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = v
-    for key, v in meta["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _read_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Tensors grouped by prefix (model, ema, optim, rng) and the JSON metadata of a training-state file."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            raw = f.metadata() or {}
-            groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}, "rng": {}}
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                prefix, _, rest = key.partition(".")
-                groups[prefix][rest if prefix != "optim" else key] = f.get_tensor(key)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable training-state file: {exc}") from None
-    if raw.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: not a training-state file (format {raw.get('format')!r})")
-    return groups, json.loads(raw["state"])
-
-
 # ---- the trainer ---------------------------------------------------------------------------------------------
 class Trainer:
     """One training run: model, EMA, Adam, data; ``run()`` trains until ``train.steps`` (or a stop)."""
@@ -271,18 +223,13 @@ class Trainer:
         return state_path(self.run_dir, self.step)
 
     def _save_state(self) -> None:
-        opt_tensors, opt_meta = _optimizer_to_flat(self.optimizer)
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
-        tensors |= opt_tensors
-        tensors["rng.cpu"] = torch.get_rng_state()
+        rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {"step": self.step, "ema_updates": self.ema.num_updates, "optimizer": opt_meta,
-                 "data": self.stream.position(self.step), "world_size": self.ddp.world}
-        meta = {"format": STATE_FORMAT, "format_version": str(STATE_VERSION), "state": json.dumps(state),
-                "config": self.config.to_json()}
-        atomic_save_safetensors(tensors, meta, state_path(self.run_dir, self.step))
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        write_state(state_path(self.run_dir, self.step), model=self.model.state_dict(), ema=self.ema.state_dict(),
+                    optimizer=self.optimizer, rng=rng, config_json=self.config.to_json(),
+                    state={"step": self.step, "ema_updates": self.ema.num_updates,
+                           "data": self.stream.position(self.step), "world_size": self.ddp.world})
 
     def _prune(self) -> None:
         states = sorted((self.run_dir / "checkpoints").glob("state-*.safetensors"))
@@ -293,10 +240,10 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         """Restore everything saved by ``save``: weights, EMA, optimizer, step and RNG."""
-        groups, state = _read_state(path)
+        groups, state = read_state(path)
         self.model.load_state_dict(groups["model"])
         self.ema.load_state_dict(groups["ema"], state["ema_updates"])
-        self.optimizer.load_state_dict(_optimizer_from_flat(groups["optim"], state["optimizer"]))
+        self.optimizer.load_state_dict(optimizer_state(groups["optim"], state["optimizer"]))
         torch.set_rng_state(groups["rng"]["cpu"])
         if "cuda" in groups["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(groups["rng"]["cuda"], self.device)
@@ -411,36 +358,6 @@ def _progress(initial: int, total: int, *, enabled: bool) -> Any:
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------------
-_SECTIONS: dict[str, type[Any]] = {"train": TrainConfig, "unet": UNetConfig, "diffusion": DiffusionConfig}
-
-
-def _flag_for(section: str, name: str) -> str:
-    return f"--{name.replace('_', '-')}" if section == "train" else f"--{section}-{name.replace('_', '-')}"
-
-
-def _tuple_of_ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _add_field_flags(parser: argparse.ArgumentParser) -> None:
-    for section, cls in _SECTIONS.items():
-        group = parser.add_argument_group(f"{section} overrides (default: the preset's value)")
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            hint, flag, dest = hints[f.name], _flag_for(section, f.name), f"{section}__{f.name}"
-            if hint is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None)
-            elif typing.get_origin(hint) is tuple:
-                group.add_argument(flag, dest=dest, type=_tuple_of_ints, default=None, metavar="N,N,..")
-            elif typing.get_origin(hint) is typing.Literal:
-                group.add_argument(flag, dest=dest, choices=typing.get_args(hint), default=None)
-            else:
-                group.add_argument(flag, dest=dest, type=hint, default=None)
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="digits", choices=sorted(MODEL_PRESETS),
                         help="model + training preset (default: digits)")
@@ -450,25 +367,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out from its latest checkpoint (flags may change train fields)")
     parser.add_argument("--stop-after", type=int, metavar="N", help="stop (with a checkpoint) after N more steps")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    _add_field_flags(parser)
-
-
-def _cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
-    for key, value in vars(args).items():
-        if "__" in key and value is not None:
-            section, name = key.split("__", 1)
-            out[section][name] = value
-    return out
-
-
-def _as_list(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
+    add_override_flags(parser)
 
 
 def resolve_from_args(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     """The run's config: saved config (on --resume) or preset + file + flags. ``ValueError`` on bad values."""
-    overrides = _cli_overrides(args)
+    overrides = overrides_from_args(args)
     file_overrides = load_config_file(args.config) if args.config else {}
     if args.resume:
         saved = run_dir / "config.json"
@@ -477,7 +381,7 @@ def resolve_from_args(args: argparse.Namespace, run_dir: Path) -> RunConfig:
         base = RunConfig.from_dict(json.loads(saved.read_text()))
         saved_parts = {"unet": base.unet.to_dict(), "diffusion": base.diffusion.to_dict()}
         changed = {f"{s}.{k}": v for s, part in saved_parts.items() for k, v in overrides[s].items()
-                   if _as_list(v) != _as_list(part[k])}
+                   if json.dumps(list(v) if isinstance(v, tuple) else v) != json.dumps(part[k])}
         if changed:
             raise ValueError(f"--resume cannot change the model or diffusion: {changed}")
         train = base.train.to_dict() | file_overrides.get("train", {}) | overrides["train"]

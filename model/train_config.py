@@ -10,8 +10,10 @@ Nothing here reads the environment or touches the file system except ``load_conf
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +24,9 @@ __all__ = [
     "TRAIN_PRESETS",
     "RunConfig",
     "TrainConfig",
+    "add_override_flags",
     "load_config_file",
+    "overrides_from_args",
     "resolve_config",
 ]
 
@@ -188,8 +192,44 @@ def resolve_config(preset: str, file_overrides: dict[str, Any] | None = None,
                      DiffusionConfig.from_dict(parts["diffusion"]))
 
 
-def field_specs(cls: type[Any]) -> list[tuple[str, Any, Any]]:
-    """(name, type annotation string, default) of every field of a config dataclass (used to build CLI flags)."""
-    return [(f.name, f.type, f.default if f.default is not dataclasses.MISSING else None)
-            for f in dataclasses.fields(cls)]
+# ---- command-line flags for every field -------------------------------------------------------------------
+_SECTIONS: dict[str, type[Any]] = {"train": TrainConfig, "unet": UNetConfig, "diffusion": DiffusionConfig}
+
+
+def _flag_for(section: str, name: str) -> str:
+    return f"--{name.replace('_', '-')}" if section == "train" else f"--{section}-{name.replace('_', '-')}"
+
+
+def _tuple_of_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_override_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field: ``--lr`` (train), ``--unet-ch``, ``--diffusion-num-timesteps``...; default None = unset."""
+    for section, cls in _SECTIONS.items():
+        group = parser.add_argument_group(f"{section} overrides (default: the preset's value)")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint, flag, dest = hints[f.name], _flag_for(section, f.name), f"{section}__{f.name}"
+            if hint is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None)
+            elif typing.get_origin(hint) is tuple:
+                group.add_argument(flag, dest=dest, type=_tuple_of_ints, default=None, metavar="N,N,..")
+            elif typing.get_origin(hint) is typing.Literal:
+                group.add_argument(flag, dest=dest, choices=typing.get_args(hint), default=None)
+            else:
+                group.add_argument(flag, dest=dest, type=hint, default=None)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The flags a user gave (not None), as ``{"train"|"unet"|"diffusion": {field: value}}``."""
+    out: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for key, value in vars(args).items():
+        if "__" in key and value is not None:
+            section, name = key.split("__", 1)
+            out[section][name] = value
+    return out
 
