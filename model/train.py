@@ -419,6 +419,7 @@ def main(args: argparse.Namespace) -> int:
     ddp = _setup_distributed(device)
     if device.type == "cuda" and ddp.world > 1:
         device = torch.device("cuda", ddp.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     if ddp.main:
         print(config.to_json())
     if args.print_config:
