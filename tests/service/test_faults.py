@@ -66,25 +66,44 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 # ---- a worker killed mid-job -------------------------------------------------------------------------------
+def _kill_the_runner_mid_job(api: ApiServer, job_id: str, workers: list[WorkerProcess]) -> tuple[dict[str, Any], float]:
+    """SIGKILL the worker running ``job_id``; the job's final view and the seconds from the kill to its end."""
+    running = _wait(api, job_id, {JobState.RUNNING, *TERMINAL_STATES})
+    assert running["status"] == "running", "the job ended before the worker could be killed"
+    doomed = next(w for w in workers if w.name == _store(api).get(job_id)["worker"])  # type: ignore[index]
+    killed_at = time.monotonic()
+    doomed.signal(signal.SIGKILL)
+    job = _wait(api, job_id, timeout=KILLED_WORKER_BOUND_S + 30)
+    return job, time.monotonic() - killed_at
+
+
+@pytest.mark.parametrize("retries", [1, 0])
 def test_a_job_of_a_worker_killed_mid_job_ends_within_30_s(make_api: Callable[..., ApiServer],
-                                                           tiny_checkpoint: Path, tmp_path: Path) -> None:
+                                                           tiny_checkpoint: Path, tmp_path: Path,
+                                                           retries: int) -> None:
+    """With a retry left, another worker runs it to the end; without, it fails with a reason. Never stuck."""
     api = make_api()
     url = api.settings.redis_url
     workers = [_worker(url, tiny_checkpoint, tmp_path, f"w{i}", "--lease-seconds", "3") for i in range(2)]
     try:
         for w in workers:
             w.wait_ready(url)
-        job_id = _submit(api, num_images=16, steps=40, preview_every=10)
-        running = _wait(api, job_id, {JobState.RUNNING, *TERMINAL_STATES})
-        assert running["status"] == "running", "the job ended before the worker could be killed"
-        doomed = next(w for w in workers if w.name == _store(api).get(job_id)["worker"])  # type: ignore[index]
-        killed_at = time.monotonic()
-        doomed.signal(signal.SIGKILL)
-        job = _wait(api, job_id, timeout=KILLED_WORKER_BOUND_S + 30)
-        ended_after = time.monotonic() - killed_at
-        log.info("killed worker's job ended %.1f s after the SIGKILL (lease 3 s)", ended_after)
-        assert job["status"] == "succeeded" and job["attempt"] == 2, job
-        assert len(job["images"]) == 16
+        if retries:
+            job_id = _submit(api, num_images=16, steps=40, preview_every=10)  # the API's policy: one retry
+        else:
+            request = {"num_images": 16, "seed": 1, "steps": 40, "sampler": "ddpm", "eta": 0.0,
+                       "variance": "fixedlarge", "preview_every": 10, "model": "tiny"}
+            no_retry = JobStore(connect(url, timeout=5.0), queue_name=api.settings.queue_name, max_retries=0)
+            job_id = no_retry.submit(request, "tiny", num_images=16, total_steps=40, seeds=[1] * 16,
+                                     max_queue_length=100)
+        job, ended_after = _kill_the_runner_mid_job(api, job_id, workers)
+        log.info("killed worker's job (retries %d) ended %s %.1f s after the SIGKILL (lease 3 s)", retries,
+                 job["status"], ended_after)
+        if retries:
+            assert job["status"] == "succeeded" and job["attempt"] == 2 and len(job["images"]) == 16, job
+        else:
+            assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
+            assert "stopped responding" in job["error"]["message"]
         assert ended_after < KILLED_WORKER_BOUND_S, f"the job took {ended_after:.1f} s to end after the kill"
     finally:
         for w in workers:
