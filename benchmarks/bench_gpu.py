@@ -14,10 +14,11 @@ and (``--quality``) how far each option's final images are from fp32's.
    with each setting against fp32 eager: max and mean |difference| of the final images in [-1, 1] and in
    uint8 levels, and the share of pixels more than one level apart.
 
-Models have random weights (small, so eps is not the zero-init's 0): timings and differences only. The paper's
-bar: 256 CIFAR10 images in 17 s on a TPU v3-8, about 15 images/s at 1000 steps. Results: a table on stdout
-and JSON in ``$OUT`` if set, else ``benchmarks/results/``. A setting that fails (e.g. compile unavailable) is
-recorded with its error and the run goes on; ``--budget-s`` skips what is left once the run is that old.
+Models have random weights (small, so eps is not the zero-init's 0) unless ``--checkpoint`` names trained
+ones. The paper's bar: 256 CIFAR10 images in 17 s on a TPU v3-8, about 15 images/s at 1000 steps. Results:
+a table on stdout and JSON in ``$OUT`` if set, else ``benchmarks/results/``. A setting that fails (e.g. compile
+unavailable) is recorded with its error and the run goes on; ``--budget-s`` skips what is left once the run is
+that old.
 
     .venv/bin/python benchmarks/bench_gpu.py                  # one GPU: the full run (~8 min budget)
     .venv/bin/python benchmarks/bench_gpu.py --quality-only   # the quality comparison alone, 1000 steps
@@ -68,8 +69,13 @@ def parse_setting(label: str, max_batch: int, compile_mode: str | None) -> Infer
                             max_batch_size=max_batch, **{known[f]: True for f in flags})
 
 
-def build(preset: str, device: torch.device, options: InferenceOptions, batch_invariant: bool) -> ServedModel:
-    """A fresh random-weight model of ``preset`` (the same weights every time) prepared with ``options``."""
+def build(preset: str, device: torch.device, options: InferenceOptions, batch_invariant: bool,
+          checkpoint: str | None = None) -> ServedModel:
+    """A fresh model prepared with ``options``: ``checkpoint``'s weights, else random ones of ``preset`` (the same
+    weights every time)."""
+    if checkpoint:
+        return ServedModel.load(Path(checkpoint).stem, checkpoint, device, batch_invariant=batch_invariant,
+                                options=options)
     cfg = MODEL_PRESETS[preset]
     torch.manual_seed(0)
     unet = UNet(cfg.unet)
@@ -136,10 +142,11 @@ def time_engine(model: ServedModel, jobs: int, steps: int) -> float:
 
 
 def quality(preset: str, device: torch.device, settings: Sequence[str], images: int, steps: int, max_batch: int,
-            compile_mode: str | None) -> list[dict[str, Any]]:
+            compile_mode: str | None, checkpoint: str | None = None) -> list[dict[str, Any]]:
     """Final images of each setting vs fp32 eager, same seeds and noise."""
     def final(label: str) -> torch.Tensor:
-        model = build(preset, device, parse_setting(label, max_batch, compile_mode), batch_invariant=False)
+        model = build(preset, device, parse_setting(label, max_batch, compile_mode), batch_invariant=False,
+                      checkpoint=checkpoint)
         return sample(model.forward, model.diffusion, images, model.shape, seed=0, steps=steps).float().cpu()
 
     ref = final("fp32")
@@ -181,7 +188,7 @@ def run_setting(args: argparse.Namespace, device: torch.device, label: str, dead
     max_batch = max(args.batches + args.engine_jobs)
     try:
         model = build(args.preset, device, parse_setting(label, max_batch, args.compile_mode),
-                      batch_invariant=device.type == "cpu")
+                      batch_invariant=device.type == "cpu", checkpoint=args.checkpoint)
     except Exception as exc:
         unet_rows.append({"setting": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
         return
@@ -245,6 +252,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="cifar10", choices=sorted(MODEL_PRESETS))
+    ap.add_argument("--checkpoint", help="a trained checkpoint instead of random weights of --preset")
     ap.add_argument("--settings", nargs="+", help=f"default: {GPU_SETTINGS} on CUDA, {CPU_SETTINGS} on the CPU")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256, 512])
     ap.add_argument("--warmup", type=int, default=3)
@@ -284,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     deadline = time.monotonic() + args.budget_s
-    report: dict[str, Any] = {"script": "bench_gpu", "preset": args.preset, "device": str(device), "device_name": name,
+    report: dict[str, Any] = {"script": "bench_gpu", "preset": args.preset, "checkpoint": args.checkpoint,
+                              "device": str(device), "device_name": name,
                               "torch": torch.__version__, "threads": torch.get_num_threads(), "settings": args.settings,
                               "batches": args.batches, "timed_steps": args.timed_steps, "warmup": args.warmup,
                               "engine_steps": args.engine_steps, "paper_images_per_s": PAPER_IMAGES_PER_S,
@@ -297,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 torch.cuda.empty_cache()  # the previous setting's model and graphs are gone
     if args.quality or args.quality_only:
         report["quality"] = quality(args.preset, device, args.quality_settings, args.quality_images, args.quality_steps,
-                                    max(args.batches), args.compile_mode)
+                                    max(args.batches), args.compile_mode, args.checkpoint)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"bench_gpu-{device.type}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"

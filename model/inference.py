@@ -136,7 +136,7 @@ class _Graphs:
                 self.fn(x, t)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # other threads may use CUDA
             out = self.fn(x, t)
         self.graphs[b] = (graph, x, t, out)
         log.info("captured a CUDA graph for batch %d", b)
