@@ -11,6 +11,7 @@ bodies conform to the spec; schema-invalid requests get 4xx). The default budget
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from service.settings import Settings
 
 from .conftest import ApiServer
 
+log = logging.getLogger(__name__)
 CI_EXAMPLES = 20  # per operation in the fuzzing phase
 
 
@@ -103,6 +105,7 @@ def test_the_api_survives_its_own_spec(fuzzed_api: ApiServer, request: pytest.Fi
     problems, statuses = _run(fuzzed_api, longer or CI_EXAMPLES, None if longer else 20260401)
     assert sum(statuses.values()) > 100, statuses  # it did exercise the API
     by_status = collections.Counter(status for (_, status) in statuses.elements())
+    log.info("%d requests, by status %s", sum(by_status.values()), dict(sorted(by_status.items())))
     assert not [s for s in by_status if s >= 500], [k for k in statuses if k[1] >= 500][:20]
     unique = sorted(set(problems))
     assert not unique, f"{len(unique)} problems; responses {dict(by_status)}:\n" + "\n".join(unique[:20])
