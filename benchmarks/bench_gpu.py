@@ -225,7 +225,8 @@ def print_unet_table(report: dict[str, Any], batches: list[int]) -> None:
 
 
 def print_tables(report: dict[str, Any]) -> None:
-    print(f"\n{report['preset']} preset, {report['device_name']}, timed {report['timed_steps']} steps; images/s "
+    model = report["checkpoint"] or f"{report['preset']} preset"
+    print(f"\n{model}, {report['device_name']}, timed {report['timed_steps']} steps; images/s "
           f"at 1000 steps (the paper: {PAPER_IMAGES_PER_S:.1f} images/s on a TPU v3-8)\n")
     batches = report["batches"] if report["unet"] else []
     if batches:

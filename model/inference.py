@@ -92,8 +92,8 @@ def default_options(device: torch.device | str, max_batch_size: int = 64) -> Inf
     ``torch.compile`` and CUDA graphs stay opt-in until ``bench_gpu.py`` has measured them on a real GPU
     (compile costs minutes at start-up; graphs hold memory per bucket). CPU: bf16 autocast where the CPU has
     bf16 instructions (measured 1.6-1.7x faster at batch 16 on the CIFAR10 and digits U-Nets, no slower at
-    batch 1; final images within 2 uint8 levels of fp32), else fp32; channels_last measured no faster on the
-    CPU (benchmarks/README.md, "Fast inference path").
+    batch 1; the trained demo's final images within 3 uint8 levels of fp32's after 1000 steps), else fp32;
+    channels_last measured no faster on the CPU (benchmarks/README.md, "Fast inference path").
     """
     if torch.device(device).type == "cuda":
         return InferenceOptions(precision="bf16", channels_last=True, max_batch_size=max_batch_size)
