@@ -242,3 +242,17 @@ def test_worker_inference_flags_override_env_which_overrides_the_device_default(
     chosen = inference_options(settings_from_args(args), cpu)
     assert (chosen.precision, chosen.channels_last, chosen.max_batch_size) == ("fp32", False, 8)
     assert chosen.cuda_graphs is False  # asked for, but this is not a CUDA device
+
+
+def test_the_worker_reports_its_inference_options_in_the_heartbeat_info(redis_url: str, tiny_checkpoint: Path
+                                                                        ) -> None:
+    from service.settings import Settings
+    from service.worker import Worker
+
+    settings = Settings(redis_url=redis_url, checkpoints={"tiny": str(tiny_checkpoint)}, precision="bf16",
+                        channels_last=True, device="cpu")
+    worker = Worker(settings, name="options-test")
+    worker.load()
+    assert worker.models["tiny"].options.describe() == "bf16+channels_last"
+    assert worker.info()["inference"] == {"precision": "bf16", "channels_last": True, "compile": False,
+                                          "cuda_graphs": False}
