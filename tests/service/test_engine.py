@@ -246,13 +246,18 @@ def test_worker_inference_flags_override_env_which_overrides_the_device_default(
 
 def test_the_worker_reports_its_inference_options_in_the_heartbeat_info(redis_url: str, tiny_checkpoint: Path
                                                                         ) -> None:
+    from service import metrics
     from service.settings import Settings
     from service.worker import Worker
 
     settings = Settings(redis_url=redis_url, checkpoints={"tiny": str(tiny_checkpoint)}, precision="bf16",
                         channels_last=True, device="cpu")
     worker = Worker(settings, name="options-test")
-    worker.load()
-    assert worker.models["tiny"].options.describe() == "bf16+channels_last"
-    assert worker.info()["inference"] == {"precision": "bf16", "channels_last": True, "compile": False,
-                                          "cuda_graphs": False}
+    try:
+        worker.load()
+        assert worker.models["tiny"].options.describe() == "bf16+channels_last"
+        assert worker.info()["inference"] == {"precision": "bf16", "channels_last": True, "compile": False,
+                                              "cuda_graphs": False}
+    finally:
+        worker.lanes.close()
+        metrics.WORKER_MODEL_LOADED.set(0)  # this process is not a worker
