@@ -34,3 +34,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fuzz-examples", type=int, default=None,
                      help="examples per API operation in tests/service/test_fuzz.py (default: a CI-sized budget; "
                           "`make fuzz` runs 2000)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    examples = config.getoption("--fuzz-examples")
+    if examples:  # a long fuzz run outlasts the suite's per-test timeout: about 0.2 s per example, doubled
+        for item in items:
+            if item.path.name == "test_fuzz.py":
+                item.add_marker(pytest.mark.timeout(max(300, int(examples * 0.4) + 120)))
