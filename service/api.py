@@ -191,7 +191,7 @@ def generate(body: GenerateRequest, request: Request, response: Response, store:
     """Queue a generation job; poll ``status_url`` or stream ``events_url``."""
     settings, catalog = _settings(request), request.app.state.catalog
     models = catalog.available()
-    name = body.model or catalog.default
+    name = catalog.default if body.model is None else body.model
     if name in catalog.files and name not in models:
         raise ApiError(503, "model_unavailable", f"model {name!r} is configured but its checkpoint cannot be "
                                                  "read by the API yet; see GET /models")

@@ -127,7 +127,7 @@ def resolve_request(req: GenerateRequest, limits: Limits, models: dict[str, dict
     ``models`` maps served model names to their checkpoint metadata (``diffusion_config.num_timesteps`` and
     ``diffusion_config.variance`` are used). Raises ``RequestInvalid``.
     """
-    model = req.model or default_model
+    model = default_model if req.model is None else req.model  # "" is not a name: 422, as the spec says
     if model not in models:
         raise RequestInvalid("model", f"must be one of {sorted(models)} (got {model!r})")
     diffusion = models[model]["diffusion_config"]

@@ -151,7 +151,7 @@ def test_model_names_come_only_from_the_configured_list(make_api: Callable[..., 
     api = make_api()
     elsewhere = tmp_path / "other.safetensors"
     shutil.copy(tiny_checkpoint, elsewhere)  # a valid checkpoint on disk, not configured
-    for name in (str(elsewhere), str(tiny_checkpoint), "../tiny", "tiny/../tiny", "tiny\x00", "TINY", " tiny"):
+    for name in (str(elsewhere), str(tiny_checkpoint), "../tiny", "tiny/../tiny", "tiny\x00", "TINY", " tiny", ""):
         message = _error(httpx.post(f"{api.url}/generate", json={"model": name, "steps": 1}), 422,
                          "invalid_request")
         assert message.startswith("model:") and "['tiny']" in message
