@@ -114,11 +114,11 @@ class RunConfig:
                    UNetConfig.from_dict(data["unet"]), DiffusionConfig.from_dict(data["diffusion"]))
 
 
-# The paper's hyper-parameters (PAPER.md, "Training"); digits: 2,000 steps, ~45 min on one busy CPU thread.
+# The paper's hyper-parameters (PAPER.md, "Training"); digits: 3,500 steps, ~50-75 min on one CPU thread.
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "cifar10": TrainConfig(dataset="cifar10:data/cifar-10-python.tar.gz"),
     "256": TrainConfig(dataset="folder:data/images", lr=2e-5, batch_size=64),
-    "digits": TrainConfig(dataset="digits", steps=2000, batch_size=64, lr=1e-3, warmup_steps=200,
+    "digits": TrainConfig(dataset="digits", steps=3500, batch_size=64, lr=1e-3, warmup_steps=200,
                           ema_decay=0.998, random_flip=False, log_every=20, sample_every=1000,
                           checkpoint_every=250, keep_checkpoints=3, num_samples=64, sample_steps=100),
     "tiny": TrainConfig(dataset="digits", steps=20, batch_size=8, lr=2e-4, warmup_steps=0, ema_decay=0.9,
