@@ -221,7 +221,7 @@ def add_override_flags(parser: argparse.ArgumentParser) -> None:
             elif typing.get_origin(hint) is typing.Literal:
                 group.add_argument(flag, dest=dest, choices=typing.get_args(hint), default=None)
             else:
-                group.add_argument(flag, dest=dest, type=hint, default=None)
+                group.add_argument(flag, dest=dest, type=hint, default=None, metavar=f.name.upper())
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
