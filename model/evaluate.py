@@ -11,8 +11,8 @@ Figures (each reported with a reference so the number means something):
   real held-out images vs the training images (the floor a perfect model would reach with that many images).
 - **class histogram** of the samples under that classifier (shows whether every class is produced), next to the
   held-out images' histogram, and the classifier's held-out accuracy.
-- **FID** (Inception features) would need the pytorch-fid weights file on disk; this build does not implement
-  the Inception network, so ``--inception-weights`` fails at once with that message (nothing is downloaded).
+- **FID** when ``--inception-weights`` names the pytorch-fid weights file on disk (``model.inception``; nothing
+  is downloaded): Inception-v3 pool features of samples vs training images, next to held-out vs training.
 
 This module owns the evaluation figures and the small classifier; sampling, the bound and the data come from
 ``model.sampler``, ``model.diffusion`` and ``model.data``.
@@ -38,6 +38,7 @@ from torch import nn
 from model.checkpoint import CheckpointError, LoadedCheckpoint, atomic_save_safetensors, load_checkpoint
 from model.data import DatasetError, ImageSet, load_dataset, to_model_range
 from model.images import save_png
+from model.inception import FIDInception, load_fid_inception
 from model.sampler import SAMPLERS, sample
 
 __all__ = [
@@ -198,6 +199,8 @@ class EvalReport:
     classifier_accuracy: float | None = None
     sample_class_histogram: list[int] = field(default_factory=list)
     heldout_class_histogram: list[int] = field(default_factory=list)
+    fid_samples_vs_train: float | None = None
+    fid_heldout_vs_train: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -215,6 +218,9 @@ class EvalReport:
                 ("sample class histogram", " ".join(str(c) for c in self.sample_class_histogram)),
                 ("held-out class histogram", " ".join(str(c) for c in self.heldout_class_histogram)),
             ]
+        if self.fid_samples_vs_train is not None:
+            rows += [("FID: samples vs train", f"{self.fid_samples_vs_train:.2f}"),
+                     ("FID: held-out vs train", f"{self.fid_heldout_vs_train:.2f}  (reference: real images)")]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows] + [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -233,28 +239,60 @@ def _generate(ckpt: LoadedCheckpoint, n: int, steps: int, sampler: str, seed: in
     return torch.cat(out)
 
 
-def _sample_quality(report: EvalReport, ckpt: LoadedCheckpoint, train: ImageSet, test: ImageSet,
-                    args: argparse.Namespace) -> None:
+def _classifier_figures(report: EvalReport, ckpt: LoadedCheckpoint, train: ImageSet, test: ImageSet,
+                        samples: torch.Tensor, args: argparse.Namespace) -> None:
     dev = ckpt.diffusion.device
     t0 = time.perf_counter()
     net = get_classifier(train, None if args.no_cache else Path(args.classifier_cache).expanduser(), device=dev)
     report.seconds["classifier"] = time.perf_counter() - t0
-    n = args.num_samples or min(len(test), 1000)
-    t0 = time.perf_counter()
-    samples = _generate(ckpt, n, args.sample_steps, args.sampler, args.seed)
-    report.seconds["sampling"] = time.perf_counter() - t0
-    if args.grid:
-        save_png(to_model_range(samples[:100]), args.grid)
     f_train, _ = _features_and_classes(net, train.all_images(), dev)
-    f_test, c_test = _features_and_classes(net, test.images(range(min(n, len(test)))), dev)
+    f_test, c_test = _features_and_classes(net, test.images(range(min(len(samples), len(test)))), dev)
     f_samp, c_samp = _features_and_classes(net, samples, dev)
     assert test.labels is not None and train.num_classes is not None
-    report.num_samples, report.sample_steps, report.sampler = n, args.sample_steps, args.sampler
     report.fd_samples_vs_train = frechet_distance(f_samp, f_train)
     report.fd_heldout_vs_train = frechet_distance(f_test, f_train)
     report.classifier_accuracy = float((c_test == test.labels[:len(c_test)].numpy()).mean())
     report.sample_class_histogram = np.bincount(c_samp, minlength=train.num_classes).tolist()
     report.heldout_class_histogram = np.bincount(c_test, minlength=train.num_classes).tolist()
+
+
+@torch.no_grad()
+def _inception_features(net: FIDInception, images: torch.Tensor, device: torch.device, batch: int = 50
+                        ) -> np.ndarray:
+    return np.concatenate([net.features(to_model_range(images[i:i + batch]).to(device)).cpu().double().numpy()
+                           for i in range(0, len(images), batch)])
+
+
+def _fid_figures(report: EvalReport, train: ImageSet, test: ImageSet, samples: torch.Tensor,
+                 args: argparse.Namespace, device: torch.device) -> None:
+    t0 = time.perf_counter()
+    net = load_fid_inception(args.inception_weights, device)
+    n_train = min(len(train), args.fid_train_images) if args.fid_train_images else len(train)
+    f_train = _inception_features(net, train.images(range(n_train)), device)
+    f_test = _inception_features(net, test.images(range(min(len(samples), len(test)))), device)
+    report.fid_samples_vs_train = frechet_distance(_inception_features(net, samples, device), f_train)
+    report.fid_heldout_vs_train = frechet_distance(f_test, f_train)
+    report.seconds["fid"] = time.perf_counter() - t0
+    if len(samples) < 2048:
+        report.notes.append(f"FID from {len(samples)} samples (< 2048, the feature size) is biased upwards; "
+                            "compare it only with the held-out reference computed the same way")
+
+
+def _sample_quality(report: EvalReport, ckpt: LoadedCheckpoint, train: ImageSet, test: ImageSet,
+                    args: argparse.Namespace) -> None:
+    n = args.num_samples or min(len(test), 1000)
+    t0 = time.perf_counter()
+    samples = _generate(ckpt, n, args.sample_steps, args.sampler, args.seed)
+    report.seconds["sampling"] = time.perf_counter() - t0
+    report.num_samples, report.sample_steps, report.sampler = n, args.sample_steps, args.sampler
+    if args.grid:
+        save_png(to_model_range(samples[:100]), args.grid)
+    if train.labels is None:
+        report.notes.append(f"{report.dataset} has no labels: classifier figures skipped")
+    else:
+        _classifier_figures(report, ckpt, train, test, samples, args)
+    if args.inception_weights:
+        _fid_figures(report, train, test, samples, args, ckpt.diffusion.device)
     if n > len(test):
         report.notes.append(f"held-out reference uses all {len(test)} held-out images; samples use {n} "
                             "(Fréchet distances shrink with more images)")
@@ -262,12 +300,12 @@ def _sample_quality(report: EvalReport, ckpt: LoadedCheckpoint, train: ImageSet,
 
 def evaluate(args: argparse.Namespace) -> EvalReport:
     """Run every figure asked for by ``args`` (see ``configure_parser``)."""
-    if args.inception_weights:
-        raise ValueError(f"FID is not available in this build: the Inception network that reads "
-                         f"{args.inception_weights} (pytorch-fid weights) is not implemented. Run without "
-                         "--inception-weights for bits/dim and the classifier Fréchet distance.")
+    if args.inception_weights and args.skip_samples:
+        raise ValueError("--inception-weights computes FID of samples: drop --skip-samples")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
+    if args.inception_weights:
+        load_fid_inception(args.inception_weights)  # refuse a wrong file before any work
     ckpt = load_checkpoint(args.checkpoint, device=device)
     ckpt.unet.cache_time_embeddings(ckpt.diffusion.num_timesteps)
     spec = args.dataset or ckpt.metadata["dataset"]
@@ -285,10 +323,7 @@ def evaluate(args: argparse.Namespace) -> EvalReport:
         report.seconds["bpd"] = time.perf_counter() - t0
     if not args.skip_samples:
         train = load_dataset(spec, cfg.image_size, cfg.in_channels, "train", holdout=args.holdout)
-        if train.labels is None:
-            report.notes.append(f"{spec} has no labels: classifier figures skipped")
-        else:
-            _sample_quality(report, ckpt, train, test, args)
+        _sample_quality(report, ckpt, train, test, args)
     return report
 
 
@@ -310,7 +345,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier-cache", default="~/.cache/ddpm-service",
                         help="folder caching the feature classifier")
     parser.add_argument("--no-cache", action="store_true", help="always retrain the feature classifier")
-    parser.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid Inception weights (for FID)")
+    parser.add_argument("--inception-weights", metavar="FILE",
+                        help="the pytorch-fid Inception weights file (pt_inception-2015-12-05-*.pth) for FID")
+    parser.add_argument("--fid-train-images", type=int, default=0,
+                        help="training images for the FID statistics (0 = all)")
     parser.add_argument("--grid", metavar="PNG", help="also save the first 100 samples as a grid")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
 

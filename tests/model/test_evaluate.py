@@ -90,10 +90,27 @@ def test_full_bound_and_estimate_agree_on_average(tmp_path: Path) -> None:
     assert est == pytest.approx(full, abs=4 * err + 0.05 * full)
 
 
-def test_eval_refuses_a_missing_checkpoint_and_fid_at_once(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_refuses_a_missing_checkpoint_or_foreign_inception_weights(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["eval", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert "file not found" in capsys.readouterr().err
     ckpt = _checkpoint(tmp_path / "m.safetensors", trained=False)
-    assert cli(["eval", "--checkpoint", str(ckpt), "--inception-weights", str(tmp_path / "pt_inception.pth")]) == 2
-    assert "FID is not available in this build" in capsys.readouterr().err
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    assert cli(["eval", "--checkpoint", str(ckpt), "--inception-weights", str(tmp_path / "other.pth")]) == 2
+    assert "not the pytorch-fid Inception weights" in capsys.readouterr().err
+
+
+def test_fid_with_inception_weights_from_disk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from model.inception import FIDInception
+
+    # A weights file in the pytorch-fid layout (random values: this checks the plumbing, not the number).
+    torch.manual_seed(0)
+    torch.save(FIDInception().state_dict(), tmp_path / "pt_inception.pth")
+    ckpt = _checkpoint(tmp_path / "m.safetensors", trained=False)
+    args = ["eval", "--checkpoint", str(ckpt), "--skip-bpd", "--num-samples", "6", "--sample-steps", "2",
+            "--fid-train-images", "6", "--inception-weights", str(tmp_path / "pt_inception.pth"),
+            "--classifier-cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json")]
+    assert cli(args) == 0
+    assert "FID: samples vs train" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert np.isfinite(report["fid_samples_vs_train"]) and np.isfinite(report["fid_heldout_vs_train"])
