@@ -176,6 +176,8 @@ class Trainer:
             self.net = typing.cast(nn.Module, torch.compile(self.net))
         self.step = 0
         self.stop_requested = False
+        self.stop_signal: int | None = None
+        self.stopped_early = False  # a stop request (on any process) ended the run before its last step
         self._tb: Any = None
 
     # -- one step ----------------------------------------------------------------------------------------------
@@ -334,6 +336,7 @@ class Trainer:
                 self.write_previews()
             if stopping:
                 log.warning("stop requested: checkpoint written at step %d; resume with --resume", self.step)
+                self.stopped_early = self.step < cfg.steps
                 break
         bar.close()
         if self._tb is not None:
@@ -396,6 +399,7 @@ def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
         if trainer.stop_requested:
             raise KeyboardInterrupt
         trainer.stop_requested = True
+        trainer.stop_signal = signum
         log.warning("signal %d: stopping after this step", signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -448,4 +452,7 @@ def main(args: argparse.Namespace) -> int:
         trainer.run(stop_after=args.stop_after)
     if dist.is_initialized():
         dist.destroy_process_group()
+    if trainer.stopped_early:
+        # Stopped by a signal before the last step: not a success (a Kubernetes Job retries with --resume).
+        return 128 + (trainer.stop_signal or signal.SIGTERM)
     return 0
