@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest fuzz clean
+.PHONY: install run test lint typecheck pytest fuzz chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ test: lint typecheck pytest
 
 fuzz: $(STAMP)
 	$(BIN)/python -m pytest -q tests/service/test_fuzz.py --fuzz-examples=2000
+
+chaos: $(STAMP)
+	$(BIN)/python -m pytest -q tests/chaos --chaos-scale=full
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -34,6 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fuzz-examples", type=int, default=None,
                      help="examples per API operation in tests/service/test_fuzz.py (default: a CI-sized budget; "
                           "`make fuzz` runs 2000)")
+    parser.addoption("--chaos-scale", choices=("ci", "full"), default="ci",
+                     help="load of tests/chaos: ci (make test) or full (make chaos)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
