@@ -17,6 +17,7 @@ __all__ = [
     "JOBS_SUBMITTED",
     "JOB_QUEUE_WAIT",
     "JOB_RUN_DURATION",
+    "LIVE_WORKERS",
     "QUEUE_DEPTH",
     "STEP_BATCH_SIZE",
     "STEP_DURATION",
@@ -37,6 +38,8 @@ HTTP_REQUESTS = Counter("ddpm_http_requests_total", "HTTP requests by route and 
                         ["method", "route", "status"])
 JOBS_SUBMITTED = Counter("ddpm_jobs_submitted_total", "Jobs accepted by POST /generate.", ["model"])
 QUEUE_DEPTH = Gauge("ddpm_queue_depth", "Jobs waiting in the queue (sampled at scrape time).")
+LIVE_WORKERS = Gauge("ddpm_live_workers", "Workers with a recent heartbeat serving each configured model (sampled at "
+                     "scrape time); 0 for the default model: jobs are accepted but wait.", ["model"])
 
 # ---- worker ------------------------------------------------------------------------------------------------
 JOBS_FINISHED = Counter("ddpm_jobs_finished_total", "Jobs that reached a terminal state.", ["model", "status"])
