@@ -39,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from model.checkpoint import CheckpointError, read_metadata
+from model.checkpoint_meta import CheckpointError, read_metadata
 from service import metrics
 from service.queue import TERMINAL_STATES, JobState, JobStore, StoreUnavailable, connect, is_valid_job_id
 from service.schemas import (
