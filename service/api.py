@@ -35,7 +35,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
@@ -360,7 +359,7 @@ def prometheus_metrics(store: Store) -> Response:
         metrics.QUEUE_DEPTH.set(store.queue_length())
     except StoreUnavailable:
         log.warning("queue depth not sampled: redis unavailable")
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(metrics.API_REGISTRY), media_type=metrics.CONTENT_TYPE)
 
 
 @health.get("/healthz")
