@@ -32,14 +32,14 @@ import anyio
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from model.checkpoint_meta import CheckpointError, read_metadata
-from service import metrics
+from service import apidocs, metrics, openapi
+from service.openapi import EVENT_STREAM, LOCATION, PNG, PROMETHEUS_TEXT
 from service.queue import TERMINAL_STATES, JobState, JobStore, StoreUnavailable, connect, is_valid_job_id
 from service.schemas import (
     FrameView,
@@ -184,8 +184,8 @@ info = APIRouter(tags=["service"])
 health = APIRouter(tags=["health"])
 
 
-@jobs.post("/generate", status_code=202, response_model=GenerateAccepted,
-           responses=responses(400, 401, 403, 413, 422, 429, 503))
+@jobs.post("/generate", status_code=202, response_model=GenerateAccepted, response_description="queued",
+           responses={202: {"headers": LOCATION}, **responses(400, 413, 422, 503)})
 def generate(body: GenerateRequest, request: Request, response: Response, store: Store) -> GenerateAccepted:
     """Queue a generation job; poll ``status_url`` or stream ``events_url``."""
     settings, catalog = _settings(request), request.app.state.catalog
@@ -205,7 +205,7 @@ def generate(body: GenerateRequest, request: Request, response: Response, store:
 
 
 @jobs.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=False,
-          responses=responses(401, 403, 404, 422, 503))
+          responses=responses(404, 422, 503))
 def get_job(job_id: str, store: Store,
             since: Annotated[int, Query(ge=-1, le=10**9, description="only frames with index > since")] = -1,
             inline: Annotated[bool, Query(description="add base64 PNG data to frames and images")] = False
@@ -215,7 +215,7 @@ def get_job(job_id: str, store: Store,
 
 
 @jobs.get("/jobs/{job_id}/frames/{index}.png", response_class=Response,
-          responses={200: {"content": {"image/png": {}}}, **responses(401, 403, 404, 410, 503)})
+          responses={**PNG, **responses(404, 410, 422, 503)})
 def frame_png(job_id: str, index: int, store: Store) -> Response:
     """The x0-hat frame ``index`` (a grid of all the job's images)."""
     job = _get_job(store, job_id)
@@ -225,7 +225,7 @@ def frame_png(job_id: str, index: int, store: Store) -> Response:
 
 
 @jobs.get("/jobs/{job_id}/images/{index}.png", response_class=Response,
-          responses={200: {"content": {"image/png": {}}}, **responses(401, 403, 404, 410, 503)})
+          responses={**PNG, **responses(404, 410, 422, 503)})
 def image_png(job_id: str, index: int, store: Store) -> Response:
     """Final image ``index`` of a succeeded job."""
     job = _get_job(store, job_id)
@@ -236,7 +236,11 @@ def image_png(job_id: str, index: int, store: Store) -> Response:
     return _png(store.image_png(job_id, index), f"image {index} of job {job_id}")
 
 
-@jobs.delete("/jobs/{job_id}", response_model=JobView, responses=responses(401, 403, 404, 503))
+@jobs.delete("/jobs/{job_id}", response_model=JobView,
+             response_description="the job now: canceled if it was queued, as it was if it had already finished",
+             responses={202: {"model": JobView, "description": "the job is running: cancel_requested is true and "
+                                                               "it stops within one denoising step"},
+                        **responses(404, 503)})
 def cancel_job(job_id: str, store: Store, response: Response) -> JobView:
     """Cancel: a queued job never starts (200, canceled); a running one stops within one denoising step
     (202, ``cancel_requested``). A finished job is left as it is (200)."""
@@ -330,9 +334,7 @@ def _take_stream_slot(request: Request) -> Callable[[], None]:
 
 
 @jobs.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-          responses={200: {"content": {"text/event-stream": {}},
-                           "description": "SSE: queued, running, progress, frame, then succeeded|failed|canceled"},
-                     **responses(401, 403, 404, 429, 503)})
+          responses={**EVENT_STREAM, **responses(404, 429, 503)})
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     """Server-Sent Events of a job. Each event's id is its Redis stream id; reconnecting with
     ``Last-Event-ID`` replays what was missed. The stream closes after the terminal event. A client may hold
@@ -344,15 +346,14 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
     return _CountedStream(_event_stream(request, job_id, last_id), release)
 
 
-@info.get("/models", response_model=ModelsView, responses=responses(401, 403))
+@info.get("/models", response_model=ModelsView)
 def list_models(request: Request) -> ModelsView:
     """The checkpoints this service serves, with their metadata; the first is the default."""
     catalog: ModelCatalog = request.app.state.catalog
     return ModelsView(default=catalog.default, models=catalog.info())
 
 
-@info.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}},
-                                                          **responses(401, 403)})
+@info.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 def prometheus_metrics(store: Store) -> Response:
     """Prometheus metrics of the API process (queue depth sampled now)."""
     try:
@@ -381,28 +382,6 @@ def readyz(request: Request, store: Store) -> ReadyView:
     return ReadyView(status="ready", workers=serving)
 
 
-def _document_limits(app: FastAPI, limits: Limits, models: list[str]) -> None:
-    """Put this server's numeric limits and model names into the OpenAPI schema of ``GenerateRequest``."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
-            props["num_images"]["maximum"] = limits.max_num_images
-            for name in ("steps", "preview_every"):
-                for option in props[name].get("anyOf", [props[name]]):
-                    if option.get("type") == "integer":
-                        option["maximum"] = limits.max_steps
-            for option in props["model"].get("anyOf", [props["model"]]):
-                if option.get("type") == "string":
-                    option["enum"] = models
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 # ---- the app -----------------------------------------------------------------------------------------------
 def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.0, sse_block_ms: int = 1000
                ) -> FastAPI:
@@ -427,6 +406,7 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
             app.state.event_store.redis.close()
 
     app = FastAPI(title="DDPM generation service", version="0.1.0", lifespan=lifespan,
+                  generate_unique_id_function=openapi.operation_id, docs_url=None, redoc_url=None,
                   description="Generate images with DDPM checkpoints; watch x0-hat frames as they denoise.\n\n"
                               "Errors: `{\"error\": {\"code\", \"message\"}}`.")
     app.state.key_digests = key_digests(settings.api_keys)  # the app keeps the keys' digests only
@@ -439,17 +419,18 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     # Without keys the routes are open and the OpenAPI schema declares no security.
     protected = [Depends(require_key)] if settings.api_keys else []
     protected.append(Depends(rate_limit))  # a no-op unless rate_limit_per_minute is set
-    app.include_router(jobs, dependencies=protected)
-    app.include_router(info, dependencies=protected)
+    app.include_router(jobs, dependencies=protected, responses=responses(401, 403, 429))
+    app.include_router(info, dependencies=protected, responses=responses(401, 403, 429))
     app.include_router(health)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    apidocs.install(app)  # /docs and /redoc with their assets served from here, never a CDN
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
     install_error_handlers(app)
-    _document_limits(app, app.state.limits, list(settings.checkpoints))
+    openapi.install(app, app.state.limits, list(settings.checkpoints))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

@@ -27,8 +27,9 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.openapi import error_responses
 from service.queue import QueueFull, StoreUnavailable
-from service.schemas import ErrorBody, GenerateRequest, Limits, RequestInvalid
+from service.schemas import GenerateRequest, Limits, RequestInvalid
 
 __all__ = ["ApiError", "BodyLimitMiddleware", "MetricsMiddleware", "allowed_methods", "client_id", "error_response",
            "install_error_handlers", "key_digests", "rate_limit", "require_key", "responses"]
@@ -52,8 +53,9 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error responses of a route."""
-    return {c: {"model": ErrorBody, "description": _CODES.get(c, "error")} for c in codes}
+    """OpenAPI entries for the error responses of a route (``service.openapi.error_responses``: the error shape,
+    the codes each status carries, its headers)."""
+    return error_responses(*codes)
 
 
 # ---- middleware --------------------------------------------------------------------------------------------
