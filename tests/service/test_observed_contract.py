@@ -10,6 +10,7 @@ schema, checked below), so one document, built from default settings, judges eve
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 from typing import Any
@@ -24,8 +25,15 @@ log = logging.getLogger(__name__)
 
 
 def _document(**settings: Any) -> dict[str, Any]:
+    if not settings:
+        return copy.deepcopy(_default_document())
     fields: dict[str, Any] = {"checkpoints": {"tiny": "tiny.safetensors"}, **settings}
     return create_app(Settings(**fields)).openapi()
+
+
+@functools.cache
+def _default_document() -> dict[str, Any]:
+    return create_app(Settings(checkpoints={"tiny": "tiny.safetensors"})).openapi()
 
 
 def _responses(document: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +63,7 @@ def _exchange(method: str, path: str, status: int, content_type: str, body: byte
 
 def test_the_check_names_the_route_and_the_mismatch() -> None:
     """The checker itself: the lies of the old document are caught and described."""
-    old = copy.deepcopy(_document())
+    old = _document()
     del old["paths"]["/jobs/{job_id}"]["delete"]["responses"]["202"]  # the old document had no 202
     canceling = _exchange("DELETE", "/jobs/" + "0" * 32, 202, "application/json", json.dumps(_job()).encode())
     problems, seen = check([canceling], old)
@@ -71,6 +79,14 @@ def test_the_check_names_the_route_and_the_mismatch() -> None:
                for p in problems), problems
     assert any(p.startswith("GET /jobs/{job_id}/images/{index}.png -> 200: Undocumented Content-Type")
                for p in problems), problems
+    # What a test did not read is not judged: a JSON body left unread, the unfinished event of an open stream.
+    unread = _exchange("GET", f"/jobs/{'0' * 32}/events", 429, "application/json", b"", {"retry-after": "1"})
+    half = _exchange("GET", f"/jobs/{'0' * 32}/events", 200, "text/event-stream; charset=utf-8",
+                     b'id: 1-0\nevent: queued\ndata: {"status": "queued"}\n\nid: 1-1\nevent: runn')
+    unread.complete = half.complete = False
+    assert check([unread, half], _document())[0] == []
+    half.body[:] = half.body.replace(b"queued", b"lost")  # but what was read is
+    assert "SSE event" in check([half], _document())[0][0]
 
 
 @pytest.mark.after_all
