@@ -7,13 +7,43 @@ other way round). The public API::
     ckpt = load_checkpoint("checkpoints/digits.safetensors", device="cpu")
     eps = ckpt.unet(x, t)            # x (B,C,H,W) in [-1,1], t int64 (B,) in 0..T-1
     ckpt.diffusion.alphas_cumprod    # (T,) float32
+
+Importing the package imports nothing heavy: each name is loaded from its module on first use (PEP 562), so
+``import model.checkpoint_meta`` (metadata without torch, as the API process does) never pulls in PyTorch.
 """
 
-from model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, read_metadata, save_checkpoint
-from model.config import DiffusionConfig, UNetConfig, model_preset
-from model.diffusion import GaussianDiffusion
-from model.sampler import Chain, ImageNoise, Step, sample, sample_steps, spaced_timesteps
-from model.unet import UNet
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+    from model.checkpoint_meta import CheckpointError, read_metadata
+    from model.config import DiffusionConfig, UNetConfig, model_preset
+    from model.diffusion import GaussianDiffusion
+    from model.sampler import Chain, ImageNoise, Step, sample, sample_steps, spaced_timesteps
+    from model.unet import UNet
+
+# public name -> the module that defines it
+_HOMES = {
+    "CheckpointError": "model.checkpoint_meta",
+    "read_metadata": "model.checkpoint_meta",
+    "DiffusionConfig": "model.config",
+    "UNetConfig": "model.config",
+    "model_preset": "model.config",
+    "LoadedCheckpoint": "model.checkpoint",
+    "load_checkpoint": "model.checkpoint",
+    "save_checkpoint": "model.checkpoint",
+    "GaussianDiffusion": "model.diffusion",
+    "Chain": "model.sampler",
+    "ImageNoise": "model.sampler",
+    "Step": "model.sampler",
+    "sample": "model.sampler",
+    "sample_steps": "model.sampler",
+    "spaced_timesteps": "model.sampler",
+    "UNet": "model.unet",
+}
 
 __all__ = [
     "Chain",
@@ -33,3 +63,16 @@ __all__ = [
     "save_checkpoint",
     "spaced_timesteps",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

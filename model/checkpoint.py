@@ -5,7 +5,8 @@ metadata (string -> string) the format name and version, the U-Net and diffusion
 image size, training step and whether the weights are EMA. Loading never unpickles anything: a pickle file
 (PyTorch ``.pt``/``.bin``) offered as a checkpoint is refused with a clear error.
 
-Every failure raises ``CheckpointError`` naming the file and what is wrong.
+Every failure raises ``CheckpointError`` naming the file and what is wrong. Reading the metadata alone
+(``read_metadata``) lives in the torch-free ``model.checkpoint_meta`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model.checkpoint_meta import FORMAT_NAME, FORMAT_VERSION, CheckpointError, read_metadata
 from model.config import DiffusionConfig, UNetConfig
 from model.diffusion import GaussianDiffusion
 from model.unet import UNet
@@ -36,17 +38,6 @@ __all__ = [
     "read_metadata",
     "save_checkpoint",
 ]
-
-FORMAT_NAME = "ddpm-service-checkpoint"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(Exception):
-    """A checkpoint file that cannot be used: missing, truncated, foreign, pickled or incompatible."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"checkpoint {self.path}: {reason}")
 
 
 @dataclass
@@ -107,75 +98,6 @@ def save_checkpoint(
         "extra": json.dumps(dict(extra or {})),
     }
     atomic_save_safetensors(state, metadata, path)
-
-
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    """An 8-byte little-endian header length that fits in the file, then the header's opening ``{``."""
-    return len(head) >= 9 and 8 + int.from_bytes(head[:8], "little") <= size and head[8:9] == b"{"
-
-
-def _refuse_foreign_format(path: Path) -> None:
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    # The first byte of a safetensors file is the low byte of its header length, which can be 0x80 or 'P':
-    # only call it a pickle when it is not a plausible safetensors header.
-    if _looks_like_safetensors(head, path.stat().st_size):
-        return
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(path, "this is a pickle file (PyTorch .pt/.bin); served checkpoints must be "
-                                    "safetensors (convert diffusers weights with `ddpm import-diffusers`)")
-    if len(head) < 8:
-        raise CheckpointError(path, f"file too short ({len(head)} bytes) to be a safetensors checkpoint "
-                                    "(truncated or empty)")
-
-
-def _int_field(path: Path, raw: dict[str, str], key: str) -> int:
-    try:
-        return int(raw.get(key, "0"))
-    except ValueError:
-        raise CheckpointError(path, f"invalid {key!r} in metadata: {raw.get(key)!r}") from None
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed metadata of a checkpoint, without loading its weights. Raises ``CheckpointError``."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(p, "file not found" if not p.exists() else "not a regular file")
-    _refuse_foreign_format(p)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            raw = f.metadata() or {}
-            keys = list(f.keys())
-    except Exception as exc:  # safetensors raises its own error type for a broken header
-        raise CheckpointError(p, f"not a readable safetensors file (truncated or corrupt?): {exc}") from None
-    if raw.get("format") != FORMAT_NAME:
-        raise CheckpointError(p, "not a DDPM service checkpoint (no 'format' metadata); for diffusers weights "
-                                 "run `ddpm import-diffusers DIR --out FILE`")
-    try:
-        version = int(raw.get("format_version", "0"))
-    except ValueError:
-        version = -1
-    if version != FORMAT_VERSION:
-        raise CheckpointError(p, f"format version {raw.get('format_version')!r} is not supported "
-                                 f"(this build reads version {FORMAT_VERSION})")
-    try:
-        unet_config = UNetConfig.from_dict(json.loads(raw["unet_config"]))
-        diffusion_config = DiffusionConfig.from_dict(json.loads(raw["diffusion_config"]))
-        extra = json.loads(raw.get("extra", "{}"))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(p, f"invalid config in metadata: {exc}") from None
-    return {
-        "format_version": version,
-        "unet_config": unet_config.to_dict(),
-        "diffusion_config": diffusion_config.to_dict(),
-        "dataset": raw.get("dataset", "unknown"),
-        "image_size": unet_config.image_size,
-        "channels": unet_config.in_channels,
-        "step": _int_field(p, raw, "step"),
-        "ema": raw.get("ema") == "true",
-        "extra": extra,
-        "num_tensors": len(keys),
-    }
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedCheckpoint:

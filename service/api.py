@@ -41,17 +41,15 @@ import anyio
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from model.checkpoint import CheckpointError, read_metadata
-from service import metrics
+from model.checkpoint_meta import CheckpointError, read_metadata
+from service import apidocs, metrics, openapi
 from service.http_server import server_config
+from service.openapi import EVENT_STREAM, LOCATION, PNG, PROMETHEUS_TEXT
 from service.queue import TERMINAL_STATES, JobState, JobStore, StoreUnavailable, connect, is_valid_job_id
 from service.schemas import (
     FrameView,
@@ -222,8 +220,8 @@ info = APIRouter(tags=["service"])
 health = APIRouter(tags=["health"])
 
 
-@jobs.post("/generate", status_code=202, response_model=GenerateAccepted,
-           responses=responses(400, 401, 403, 413, 422, 429, 503))
+@jobs.post("/generate", status_code=202, response_model=GenerateAccepted, response_description="queued",
+           responses={202: {"headers": LOCATION}, **responses(400, 413, 422, 503)})
 def generate(body: GenerateRequest, request: Request, response: Response, store: Store, who: Who
              ) -> GenerateAccepted:
     """Queue a generation job; poll ``status_url`` or stream ``events_url``."""
@@ -244,7 +242,7 @@ def generate(body: GenerateRequest, request: Request, response: Response, store:
 
 
 @jobs.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=False,
-          responses=responses(401, 403, 404, 422, 503))
+          responses=responses(404, 422, 503))
 def get_job(job_id: str, store: Store, who: Who,
             since: Annotated[int, Query(ge=-1, le=10**9, description="only frames with index > since")] = -1,
             inline: Annotated[bool, Query(description="add base64 PNG data to frames and images")] = False
@@ -254,7 +252,7 @@ def get_job(job_id: str, store: Store, who: Who,
 
 
 @jobs.get("/jobs/{job_id}/frames/{index}.png", response_class=Response,
-          responses={200: {"content": {"image/png": {}}}, **responses(401, 403, 404, 410, 503)})
+          responses={**PNG, **responses(404, 410, 422, 503)})
 def frame_png(job_id: str, index: int, store: Store, who: Who) -> Response:
     """The x0-hat frame ``index`` (a grid of all the job's images)."""
     job = _get_job(store, job_id, who)
@@ -264,7 +262,7 @@ def frame_png(job_id: str, index: int, store: Store, who: Who) -> Response:
 
 
 @jobs.get("/jobs/{job_id}/images/{index}.png", response_class=Response,
-          responses={200: {"content": {"image/png": {}}}, **responses(401, 403, 404, 410, 503)})
+          responses={**PNG, **responses(404, 410, 422, 503)})
 def image_png(job_id: str, index: int, store: Store, who: Who) -> Response:
     """Final image ``index`` of a succeeded job."""
     job = _get_job(store, job_id, who)
@@ -275,7 +273,11 @@ def image_png(job_id: str, index: int, store: Store, who: Who) -> Response:
     return _png(store.image_png(job_id, index), f"image {index} of job {job_id}")
 
 
-@jobs.delete("/jobs/{job_id}", response_model=JobView, responses=responses(401, 403, 404, 503))
+@jobs.delete("/jobs/{job_id}", response_model=JobView,
+             response_description="the job now: canceled if it was queued, as it was if it had already finished",
+             responses={202: {"model": JobView, "description": "the job is running: cancel_requested is true and "
+                                                               "it stops within one denoising step"},
+                        **responses(404, 503)})
 def cancel_job(job_id: str, store: Store, response: Response, who: Who) -> JobView:
     """Cancel: a queued job never starts (200, canceled); a running one stops within one denoising step
     (202, ``cancel_requested``). A finished job is left as it is (200)."""
@@ -386,9 +388,7 @@ _LAST_EVENT_ID = ("replay the events after this one: an event id of this stream 
 
 
 @jobs.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-          responses={200: {"content": {"text/event-stream": {}},
-                           "description": "SSE: queued, running, progress, frame, then succeeded|failed|canceled"},
-                     **responses(401, 403, 404, 422, 429, 503)})
+          responses={**EVENT_STREAM, **responses(404, 422, 429, 503)})
 async def job_events(
     job_id: str, request: Request, who: Who,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", description=_LAST_EVENT_ID)] = None,
@@ -406,7 +406,7 @@ async def job_events(
     return _CountedStream(_event_stream(request, job_id, last_id), release)
 
 
-@info.get("/models", response_model=ModelsView, responses=responses(401, 403))
+@info.get("/models", response_model=ModelsView)
 def list_models(request: Request, store: Store) -> ModelsView:
     """The checkpoints this service serves, with their metadata and how many live workers serve each; the first
     is the default."""
@@ -418,8 +418,7 @@ def list_models(request: Request, store: Store) -> ModelsView:
     return ModelsView(default=catalog.default, models=catalog.info(workers))
 
 
-@info.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}},
-                                                          **responses(401, 403)})
+@info.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 def prometheus_metrics(request: Request, store: Store) -> Response:
     """Prometheus metrics of the API process (queue depth and live workers per model sampled now)."""
     try:
@@ -428,7 +427,7 @@ def prometheus_metrics(request: Request, store: Store) -> Response:
             metrics.LIVE_WORKERS.labels(model).set(count)
     except StoreUnavailable:
         log.warning("queue depth and workers not sampled: redis unavailable")
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(metrics.API_REGISTRY), media_type=metrics.CONTENT_TYPE)
 
 
 @health.get("/healthz")
@@ -449,28 +448,6 @@ def readyz(request: Request, store: Store) -> ReadyView:
     return ReadyView(status="ready", worker="none",
                      message=f"no worker has served the default model in the last {WORKER_MAX_AGE_SECONDS:.0f} s; "
                              "jobs are accepted and wait in the queue until one does")
-
-
-def _document_limits(app: FastAPI, limits: Limits, models: list[str]) -> None:
-    """Put this server's numeric limits and model names into the OpenAPI schema of ``GenerateRequest``."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
-            props["num_images"]["maximum"] = limits.max_num_images
-            for name in ("steps", "preview_every"):
-                for option in props[name].get("anyOf", [props[name]]):
-                    if option.get("type") == "integer":
-                        option["maximum"] = limits.max_steps
-            for option in props["model"].get("anyOf", [props["model"]]):
-                if option.get("type") == "string":
-                    option["enum"] = models
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 # ---- the app -----------------------------------------------------------------------------------------------
@@ -497,7 +474,8 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
             app.state.event_store.redis.close()
 
     app = FastAPI(title="DDPM generation service", version="0.1.0", lifespan=lifespan,
-                  openapi_url=None, docs_url=None, redoc_url=None,  # added by _add_docs, behind the key
+                  generate_unique_id_function=openapi.operation_id,
+                  openapi_url=None, docs_url=None, redoc_url=None,  # added by apidocs.install, behind the key
                   description="Generate images with DDPM checkpoints; watch x0-hat frames as they denoise.\n\n"
                               "Errors: `{\"error\": {\"code\", \"message\"}}`.")
     app.state.keys = ApiKeys(settings.api_keys, settings.admin_api_keys)  # the app keeps the keys' digests only
@@ -511,18 +489,19 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     # Without keys the routes are open and the OpenAPI schema declares no security.
     protected = [Depends(require_key)] if app.state.keys.enabled else []
     protected.append(Depends(rate_limit))  # a no-op unless rate_limit_per_minute is set
-    app.include_router(jobs, dependencies=protected)
-    app.include_router(info, dependencies=protected)
+    app.include_router(jobs, dependencies=protected, responses=responses(401, 403, 429))
+    app.include_router(info, dependencies=protected, responses=responses(401, 403, 429))
     app.include_router(health)
-    _add_docs(app, protected)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # /openapi.json, /docs and /redoc behind the same key as the API; their assets served from here, never a CDN
+    apidocs.install(app, dependencies=protected)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
     install_error_handlers(app)
-    _document_limits(app, app.state.limits, list(settings.checkpoints))
+    openapi.install(app, app.state.limits, list(settings.checkpoints))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
@@ -531,25 +510,6 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(ClientAddressMiddleware, trusted=TrustedProxies(settings.trusted_proxies))  # outermost
     return app
-
-
-def _add_docs(app: FastAPI, dependencies: list[Any]) -> None:
-    """``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc``, behind the same key as the API when keys are on."""
-    docs = APIRouter(include_in_schema=False, dependencies=dependencies)
-
-    @docs.get("/openapi.json")
-    def openapi_json() -> JSONResponse:
-        return JSONResponse(app.openapi())
-
-    @docs.get("/docs")
-    def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
-
-    @docs.get("/redoc")
-    def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
-
-    app.include_router(docs)
 
 
 # ---- `ddpm serve` ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from model.checkpoint import CheckpointError, read_metadata
+from model.checkpoint_meta import CheckpointError, read_metadata
 from service.api import add_common_flags, settings_from_args
 from service.redis_server import RedisServer, die_with_parent
 from service.settings import DEMO_CHECKPOINT, Settings

@@ -36,8 +36,9 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.openapi import error_responses
 from service.queue import QueueFull, StoreUnavailable
-from service.schemas import ErrorBody, GenerateRequest, Limits, RequestInvalid
+from service.schemas import GenerateRequest, Limits, RequestInvalid
 
 __all__ = ["HTTP_METHODS", "OPEN", "ApiError", "ApiKeys", "BodyLimitMiddleware", "Caller", "ClientAddressMiddleware",
            "MetricsMiddleware", "RefusedKeys", "TrustedProxies", "allowed_methods", "caller", "client_address",
@@ -66,8 +67,9 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error responses of a route."""
-    return {c: {"model": ErrorBody, "description": _CODES.get(c, "error")} for c in codes}
+    """OpenAPI entries for the error responses of a route (``service.openapi.error_responses``: the error shape,
+    the codes each status carries, its headers)."""
+    return error_responses(*codes)
 
 
 # ---- middleware --------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import torch
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.inference import InferenceOptions, default_options
 from service import metrics
@@ -332,7 +331,7 @@ def serve_metrics(worker: Worker, host: str, port: int) -> ThreadingHTTPServer:
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest())
+                self._send(200, metrics.CONTENT_TYPE, metrics.exposition(metrics.WORKER_REGISTRY))
             elif path == "/healthz":
                 ok = worker.healthy()
                 body = b'{"status":"ok"}' if ok else b'{"status":"starting or stalled"}'

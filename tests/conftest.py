@@ -1,17 +1,29 @@
-"""Shared fixtures: small deterministic models on the CPU."""
+"""Shared fixtures: small deterministic models on the CPU; every API response the session sees, recorded."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from model.config import DiffusionConfig, UNetConfig
+from tests.observed import Recorder
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> None:
     # Tests use tiny models: on a small shared machine two intra-op threads only contend (5-20x slower).
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def observed_responses() -> Iterator[Recorder]:
+    """Every httpx exchange of the session (checked against the OpenAPI document by the last test to run,
+    tests/service/test_observed_contract.py)."""
+    recorder = Recorder().install()
+    yield recorder
+    recorder.uninstall()
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +51,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("after_all") is not None)  # stable: the rest keep order
     examples = config.getoption("--fuzz-examples")
     if examples:  # a long fuzz run outlasts the suite's per-test timeout: about 0.2 s per example, doubled
         for item in items:

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class Browser:
     """Headless Chromium with one page, controlled by DevTools messages over --remote-debugging-pipe
     (Chromium reads NUL-terminated JSON commands on fd 3 and writes replies on fd 4)."""
 
-    def __init__(self, profile: Path):
+    def __init__(self, profile: Path, extra_args: Sequence[str] = ()):
         to_chrome_r, self._w = os.pipe()
         self._r, from_chrome_w = os.pipe()
 
@@ -51,7 +51,7 @@ class Browser:
 
         args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                "--remote-debugging-pipe", "--window-size=1100,900", "about:blank"]
+                "--remote-debugging-pipe", "--window-size=1100,900", *extra_args, "about:blank"]
         self.proc = subprocess.Popen(args, preexec_fn=wire_fds, close_fds=False, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         os.close(to_chrome_r)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
+import subprocess
 import time
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from .conftest import ApiServer, WorkerProcess
@@ -160,3 +163,36 @@ def test_metrics_move_in_the_api_and_the_worker(shared_stack: tuple[ApiServer, W
     api_metrics = httpx.get(f"{api_server.url}/metrics").text
     assert _sample(api_metrics, "ddpm_jobs_submitted_total", model="tiny") >= 1
     assert _sample(api_metrics, "ddpm_queue_depth") == 0
+
+
+API_FAMILIES = {"ddpm_http_requests_total", "ddpm_http_request_duration_seconds", "ddpm_jobs_submitted_total",
+                "ddpm_queue_depth", "ddpm_live_workers"}
+WORKER_FAMILIES = {"ddpm_jobs_finished_total", "ddpm_job_queue_wait_seconds", "ddpm_job_run_duration_seconds",
+                   "ddpm_denoising_step_duration_seconds", "ddpm_denoising_step_batch_images",
+                   "ddpm_images_generated_total", "ddpm_worker_active_jobs", "ddpm_worker_model_loaded",
+                   "ddpm_worker_errors_total"}
+
+
+def _families(exposition: str) -> set[str]:
+    """The families an exposition declares (``# TYPE name kind``), as Prometheus would ingest them."""
+    return {line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE ")}
+
+
+def test_each_process_exports_only_its_own_metrics_and_promtool_accepts_them(
+        shared_stack: tuple[ApiServer, WorkerProcess]) -> None:
+    api_server, worker = shared_stack
+    _wait(api_server, _submit(api_server, num_images=1, steps=2))  # every family has moved at least once
+    api = httpx.get(f"{api_server.url}/metrics")
+    work = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics")
+    api_families, worker_families = _families(api.text), _families(work.text)
+    assert {f for f in api_families if f.startswith("ddpm_")} == API_FAMILIES
+    assert {f for f in worker_families if f.startswith("ddpm_")} == WORKER_FAMILIES
+    assert "process_resident_memory_bytes" in api_families & worker_families  # each of its own process
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    for name, response in (("API", api), ("worker", work)):
+        assert response.headers["content-type"].startswith("text/plain")
+        check = subprocess.run([promtool, "check", "metrics"], input=response.content, capture_output=True,
+                               timeout=60)
+        assert check.returncode == 0, f"{name} /metrics: {check.stdout.decode()}{check.stderr.decode()}"
