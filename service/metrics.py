@@ -20,6 +20,8 @@ __all__ = [
     "QUEUE_DEPTH",
     "STEP_BATCH_SIZE",
     "STEP_DURATION",
+    "WEBHOOK_ATTEMPTS",
+    "WEBHOOK_DELIVERIES",
     "WORKER_ACTIVE_JOBS",
     "WORKER_ERRORS",
     "WORKER_MODEL_LOADED",
@@ -53,3 +55,11 @@ IMAGES_GENERATED = Counter("ddpm_images_generated_total", "Final images produced
 WORKER_ACTIVE_JOBS = Gauge("ddpm_worker_active_jobs", "Jobs this worker is running now.")
 WORKER_MODEL_LOADED = Gauge("ddpm_worker_model_loaded", "1 when the worker's checkpoints are loaded.")
 WORKER_ERRORS = Counter("ddpm_worker_errors_total", "Errors in the worker by kind.", ["kind"])
+
+# ---- webhooks: the dispatcher's (service/webhooks/dispatcher.py), in workers and in `ddpm webhooks` ----------
+WEBHOOK_ATTEMPTS = Counter("ddpm_webhook_delivery_attempts_total",
+                           "Webhook POST attempts by event and result (2xx, 3xx, 4xx, 5xx, timeout, connect_error, "
+                           "dns_error, refused, expired).", ["event", "result"])
+WEBHOOK_DELIVERIES = Counter("ddpm_webhook_deliveries_total",
+                             "Webhook deliveries that ended, by event and outcome (delivered, failed: given up).",
+                             ["event", "outcome"])

@@ -156,13 +156,16 @@ class JobStore:
 
     # ---- API side ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], model: str, *, num_images: int, total_steps: int,
-               seeds: Sequence[int], max_queue_length: int, retry_after: int = 5) -> str:
-        """Create the job record, its ``queued`` event and the RQ job. Raises ``QueueFull``."""
+               seeds: Sequence[int], max_queue_length: int, retry_after: int = 5, job_id: str | None = None) -> str:
+        """Create the job record, its ``queued`` event and the RQ job. Raises ``QueueFull``. ``job_id``: an id the
+        caller drew beforehand with ``new_job_id`` (an idempotent request reserves it first)."""
+        if job_id is not None and not is_valid_job_id(job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
         with _translate_errors():
             length = self.queue_length()
             if length >= max_queue_length:
                 raise QueueFull(length, retry_after)
-            job_id = new_job_id()
+            job_id = job_id or new_job_id()
             now = time.time()
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(_k(job_id), mapping={
