@@ -41,7 +41,8 @@ def parse_checkpoints(value: str | list[str] | dict[str, str]) -> dict[str, str]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+    # hide_input_in_errors: a refused value is never echoed (API keys and webhook secrets are settings too)
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore", hide_input_in_errors=True)
 
     # Where things are
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -9,10 +9,12 @@ allow-list admits 127.0.0.1 (the receiver); refusals are tested only with other 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from service.settings import Settings
 from service.webhooks.signing import new_secret
 
 from .conftest import ApiServer, WorkerProcess
+from .test_browser import CHROMIUM, Browser
 from .webhook_receiver import Delivery, Receiver, Reply
 
 SECRETS = [new_secret(), new_secret()]  # the new one and the old one, during a rotation
@@ -227,3 +230,26 @@ def test_an_address_the_worker_does_not_admit_is_refused_at_delivery(stack: Stac
     assert d["last_error"] == ("refused: 127.0.0.3 is a loopback address; the server's DDPM_WEBHOOK_ALLOW_HOSTS "
                                "does not admit it")
     assert stack.far.deliveries == []  # nothing was sent there
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="headless Chromium is not installed")
+def test_the_page_shows_the_webhook_deliveries(stack: Stack, tmp_path: Path) -> None:
+    stack.receiver.script("/page", [Reply(500)])  # the first attempt fails: the page shows the retry
+    with tempfile.TemporaryDirectory(prefix="ddpm-chromium-") as profile:
+        browser = Browser(Path(profile))
+        try:
+            query = urlencode({"steps": 4, "num_images": 1, "seed": 2, "webhook": stack.receiver.url("/page")})
+            browser.goto(f"{stack.api.url}/?{query}")
+            browser.wait_for("document.querySelector('#model option[value=tiny]') !== null")
+            browser.js("document.getElementById('submit').click()")
+            browser.wait_for("document.body.dataset.jobStatus === 'succeeded'")
+            browser.wait_for("document.body.dataset.webhookSettled === 'true'")
+            rows = browser.js("[...document.querySelectorAll('#deliveries tbody tr')]"
+                              ".map(r => [...r.cells].map(c => c.textContent))")
+            assert rows[0] == ["start", "delivered", "2", "HTTP 500: ok"] and rows[1][:3] == ["completed", "delivered",
+                                                                                             "1"]
+            assert stack.receiver.url("/page") in browser.js("document.getElementById('webhook-url').textContent")
+            browser.screenshot(tmp_path / "page-webhook.png")
+        finally:
+            browser.close()
