@@ -245,13 +245,13 @@ class Worker:
         return 0
 
     def _start_webhooks(self) -> Any:
-        """The webhook dispatcher's thread (``service.webhooks.dispatcher``): it shares nothing with the denoising
-        thread but the process. None when ``webhook_concurrency`` is 0 or no signing secret is set."""
+        """The webhook dispatcher, a child process (``service.webhooks.process``): it shares no thread and no GIL
+        with the denoising loop. None when ``webhook_concurrency`` is 0 or no signing secret is set."""
         if self.settings.webhook_concurrency <= 0 or not self.settings.webhook_secret:
             return None
-        from service.webhooks.dispatcher import Dispatcher
+        from service.webhooks.process import DispatcherProcess
 
-        return Dispatcher(self.settings).start()
+        return DispatcherProcess(self.settings, self.settings.webhook_concurrency)
 
     def _loop(self, engine: Engine) -> None:
         backoff = 0.5

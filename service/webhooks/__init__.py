@@ -8,7 +8,8 @@ on each of those events, signed per the Standard Webhooks specification. The pac
     signing     webhook-id / webhook-timestamp / webhook-signature (HMAC-SHA256, several secrets for rotation)
     outbox      the subscriptions, deliveries and their schedule in Redis (at least once, survives restarts)
     delivery    one HTTP attempt (timeout, no redirects, bounded read) and the retry policy
-    dispatcher  the thread that follows job events and makes the attempts (in every worker, or ``ddpm webhooks``)
+    dispatcher  the loop that follows job events and makes the attempts
+    process     ``ddpm webhooks``: the dispatcher as a process (every worker starts one as its child)
 
 This module is the API's side: ``WebhookPolicy`` (from the settings) and ``requested_subscription``, which checks
 a request's webhook fields and raises ``RequestInvalid`` naming the field (a 422). It knows no HTTP framework.

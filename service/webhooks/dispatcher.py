@@ -1,14 +1,13 @@
-"""The webhook dispatcher: one thread that turns job events into deliveries and makes the attempts.
+"""The webhook dispatcher: the loop that turns job events into deliveries and makes the attempts.
 
-Where it runs: in every ``ddpm worker`` (``--webhook-concurrency``, default ``DDPM_WEBHOOK_CONCURRENCY`` = 8
-attempts in flight; 0 turns it off there) and in ``ddpm webhooks``, the same loop on its own (for deployments that
-keep network egress off the GPU nodes, or deliver while no worker runs). Any number of them share the work
-through the outbox in Redis (``service.webhooks.outbox``): nothing is kept in a process, so a worker killed
-between a job's end and its ``completed`` delivery loses nothing: the next dispatcher to come round (the
-restarted worker, another worker, ``ddpm webhooks``) reads the job's events from where the last one stopped, and
-an attempt that was in flight when its process died comes due again when its lease ends.
+It runs in its own process (``service.webhooks.process``): ``ddpm webhooks``, which every ``ddpm worker`` starts
+as its child (so it shares not even the GIL with the denoising thread), or started on its own. Any number of
+them share the work through the outbox in Redis (``service.webhooks.outbox``): nothing is kept in a process, so
+a worker killed between a job's end and its ``completed`` delivery loses nothing: the next dispatcher to come
+round (the restarted worker's, another worker's, a ``ddpm webhooks``) reads the job's events from where the last
+one stopped, and an attempt that was in flight when its process died comes due again when its lease ends.
 
-The thread runs an asyncio loop, so the attempts in flight cost no threads and each has a hard deadline; Redis
+A thread runs an asyncio loop, so the attempts in flight cost no threads and each has a hard deadline; Redis
 calls go to a thread pool. Every ``POLL_SECONDS`` it:
 
     1. follows: reads the event streams of the jobs due (each job every ``FOLLOW_SECONDS``) and records the
@@ -20,19 +19,17 @@ calls go to a thread pool. Every ``POLL_SECONDS`` it:
        render the job record now (a ``completed`` job's images are readable: they and the terminal state are
        one transaction), check the URL against the allow-list again, sign, POST, record the outcome.
 
-It never touches the denoising thread: the worker only starts and stops it. This module knows the outbox, the
-job store's read methods and the HTTP client; it does not know the engine.
+This module knows the outbox, the job store's read methods and the HTTP client; it does not know the engine or
+how its process was started.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
 import threading
 import time
-from types import FrameType
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -46,7 +43,7 @@ from service.webhooks.outbox import Outbox, deliveries_for
 from service.webhooks.signing import Signer
 from service.webhooks.urls import AllowList, WebhookRefused, parse_url, resolve, vet
 
-__all__ = ["Dispatcher", "configure_parser", "main"]
+__all__ = ["Dispatcher", "count_outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +54,18 @@ FOLLOW_EVENTS = 500  # stream entries read per job and poll
 LEASE_MARGIN_SECONDS = 5.0  # an attempt's lease: its timeout plus this
 
 
+def count_outcome(event: str, result: str, ended: str | None) -> None:
+    """Count an attempt (and the delivery, once it ``ended``: delivered or failed) in this process's metrics."""
+    metrics.WEBHOOK_ATTEMPTS.labels(event, result).inc()
+    if ended is not None:
+        metrics.WEBHOOK_DELIVERIES.labels(event, ended).inc()
+
+
 class Dispatcher:
     """Delivers webhooks for every job on the store of ``settings`` (see the module docstring)."""
 
-    def __init__(self, settings: Settings, *, concurrency: int | None = None, stop_grace: float = 5.0):
+    def __init__(self, settings: Settings, *, concurrency: int | None = None, stop_grace: float = 5.0,
+                 on_outcome: Callable[[str, str, str | None], None] | None = None):
         self.store = JobStore(connect(settings.redis_url, timeout=5.0), queue_name=settings.queue_name,
                               ttl_seconds=settings.job_ttl_seconds)
         self.outbox = Outbox(self.store.redis)
@@ -73,6 +78,7 @@ class Dispatcher:
         self.frame_interval = settings.webhook_frame_interval_seconds
         self.concurrency = settings.webhook_concurrency if concurrency is None else concurrency
         self.stop_grace = stop_grace
+        self.on_outcome = on_outcome or count_outcome  # (event, attempt result, delivery status once it ended)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -185,50 +191,7 @@ class Dispatcher:
             error = f"{error}; gave up after {attempts} attempts (retry window over)"
         self.outbox.finish(member, status, error=error, response_status=result.status, next_at=next_at, now=now)
         event = delivery["event"]
-        metrics.WEBHOOK_ATTEMPTS.labels(event, result.label).inc()
-        if status != "pending":
-            metrics.WEBHOOK_DELIVERIES.labels(event, status).inc()
-        log.log(logging.INFO if status == "delivered" else logging.WARNING, "webhook %s %s: %s (attempt %d)%s",
+        self.on_outcome(event, result.label, None if status == "pending" else status)
+        level = {"delivered": logging.DEBUG, "pending": logging.INFO}.get(status, logging.WARNING)
+        log.log(level, "webhook %s %s: %s (attempt %d)%s",
                 delivery["id"], event, status, attempts, f": {error}" if error and status != "delivered" else "")
-
-
-# ---- `ddpm webhooks` -----------------------------------------------------------------------------------------
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="Redis URL (env DDPM_REDIS_URL)")
-    parser.add_argument("--concurrency", type=int, help="attempts in flight (env DDPM_WEBHOOK_CONCURRENCY; 8)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
-    parser.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
-    parser.add_argument("--new-secret", action="store_true",
-                        help="print a fresh signing secret for DDPM_WEBHOOK_SECRET and exit")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.new_secret:
-        from service.webhooks.signing import new_secret
-
-        print(new_secret())
-        return 0
-    overrides: dict[str, Any] = {"redis_url": args.redis_url} if args.redis_url else {}
-    if args.concurrency is not None:
-        overrides["webhook_concurrency"] = args.concurrency
-    settings = Settings(**overrides)
-    if not settings.webhook_secret:
-        log.error("no DDPM_WEBHOOK_SECRET is set: there is nothing to sign deliveries with")
-        return 2
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port, addr=args.metrics_host)
-    dispatcher = Dispatcher(settings).start()
-
-    def stop(signum: int, frame: FrameType | None = None) -> None:
-        log.info("signal %d: stopping after the attempts in flight (at most %.0f s)", signum, dispatcher.stop_grace)
-        dispatcher.request_stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
-    log.info("delivering webhooks from %s, %d attempts in flight at most", settings.redis_url,
-             dispatcher.concurrency)
-    dispatcher.wait()
-    dispatcher.stop()
-    return 0

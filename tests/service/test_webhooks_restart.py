@@ -89,7 +89,7 @@ def test_a_worker_killed_before_its_completed_delivery_delivers_it_after_restart
     assert receiver.deliveries == []
     assert [d["event"] for d in _job(hooked, job_id)["webhook"]["deliveries"]] == []
 
-    worker_process()  # the restart, with its dispatcher
+    second = worker_process()  # the restart, with its dispatcher (a child process)
     got = receiver.wait_for("/hook", lambda ds: len({d.id for d in ds}) == 2)
     assert sorted({d.id for d in got}) == [f"msg_{job_id}_completed", f"msg_{job_id}_start"]
     assert all(d.verified == [True] for d in got)
@@ -101,6 +101,32 @@ def test_a_worker_killed_before_its_completed_delivery_delivers_it_after_restart
         return deliveries if all(d["status"] == "delivered" for d in deliveries) else []
 
     assert [d["event"] for d in _wait(recorded, "deliveries never recorded")] == ["start", "completed"]
+    metrics = httpx.get(f"http://127.0.0.1:{second.metrics_port}/metrics").text  # the child's counts, relayed
+    assert 'ddpm_webhook_deliveries_total{event="completed",outcome="delivered"} 1.0' in metrics
+
+    children = _children(second.proc.pid)
+    assert len(children) == 1  # its dispatcher
+    second.proc.send_signal(signal.SIGKILL)
+    _wait(lambda: not any(_alive(pid) for pid in children), "the dispatcher outlived its worker", timeout=15)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_an_attempt_cut_short_by_its_dispatcher_dying_is_made_again(
