@@ -9,7 +9,8 @@ dispatcher renders, signs and POSTs a delivery for every frame of every job whil
 
 - throughput: image-steps per second of the batch, from the job records (first start to last end);
 - step time: the worker's mean ``ddpm_denoising_step_duration_seconds`` over the round (its own histogram);
-- ``hooked / plain`` of both, per round, and their medians; deliveries made and failed.
+- ``hooked / plain`` of both, per round, and their medians; deliveries made and failed; the CPU seconds the
+  worker and its dispatcher process used in each run (from /proc).
 
 Between runs the outbox drains, so no delivery of one run overlaps the next. Without ``--checkpoint`` it uses
 the demo checkpoint if present, else a random-weight ``digits``-preset model (the same compute).
@@ -72,9 +73,27 @@ def step_seconds(metrics_url: str) -> tuple[float, float]:
     return total, count
 
 
-def run(store: JobStore, outbox: Outbox, args: argparse.Namespace, hook: str | None, metrics_url: str
-        ) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and the children it reaped, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def run(store: JobStore, outbox: Outbox, args: argparse.Namespace, hook: str | None, metrics_url: str,
+        pids: dict[str, int]) -> dict[str, Any]:
     before = step_seconds(metrics_url)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     request = {"num_images": 1, "steps": args.steps, "sampler": "ddpm", "eta": 0.0, "variance": "fixedlarge",
                "preview_every": args.preview_every, "model": "bench"}
     ids = []
@@ -93,6 +112,7 @@ def run(store: JobStore, outbox: Outbox, args: argparse.Namespace, hook: str | N
         assert time.monotonic() < deadline, "deliveries did not drain"
         time.sleep(0.1)
     after = step_seconds(metrics_url)
+    cpu = {f"{name}_cpu_s": round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
     jobs = [store.get(j) for j in ids]
     wall = max(j["ended_at"] for j in jobs) - min(j["started_at"] for j in jobs)  # type: ignore[index]
     views = [outbox.view(j) for j in ids] if hook else []
@@ -100,7 +120,7 @@ def run(store: JobStore, outbox: Outbox, args: argparse.Namespace, hook: str | N
     return {"webhooks": bool(hook), "wall_s": round(wall, 3), "image_steps_per_s": args.jobs * args.steps / wall,
             "mean_step_ms": 1000 * (after[0] - before[0]) / max(after[1] - before[1], 1),
             "steps_timed": after[1] - before[1], "delivered": statuses.count("delivered"),
-            "failed": statuses.count("failed")}
+            "failed": statuses.count("failed"), **cpu}
 
 
 def _open(outbox: Outbox, job_id: str) -> bool:
@@ -140,12 +160,16 @@ def main() -> int:
             outbox = Outbox(store.redis)
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             _wait_ready(store)
+            worker = procs[1].pid
+            pids = {"worker": worker}
+            for pid in children(worker)[:1]:
+                pids["dispatcher"] = pid
             hook = f"http://127.0.0.1:{receiver_port}/hook"
-            run(store, outbox, args, None, metrics_url)  # warm-up
+            run(store, outbox, args, None, metrics_url, pids)  # warm-up
             rounds = []
             for r in range(args.rounds):  # alternate which goes first: a drifting machine load hits both
                 order = (None, hook) if r % 2 == 0 else (hook, None)
-                got = {bool(h): run(store, outbox, args, h, metrics_url) for h in order}
+                got = {bool(h): run(store, outbox, args, h, metrics_url, pids) for h in order}
                 rounds.append({"plain": got[False], "hooked": got[True],
                                "throughput_ratio": got[True]["image_steps_per_s"] / got[False]["image_steps_per_s"],
                                "step_time_ratio": got[True]["mean_step_ms"] / got[False]["mean_step_ms"]})
@@ -169,13 +193,14 @@ def main() -> int:
           f"most every {args.frame_interval:g} s per job, {args.rounds} rounds; "
           f"raw: {out.relative_to(ROOT)}\n")
     print("| round | plain img-steps/s | hooked img-steps/s | throughput hooked/plain | step ms plain | step ms "
-          "hooked | step time hooked/plain | deliveries (failed) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "hooked | step time hooked/plain | deliveries (failed) | dispatcher CPU s plain / hooked |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rounds):
         p, h = r["plain"], r["hooked"]
         print(f"| {i + 1} | {p['image_steps_per_s']:.1f} | {h['image_steps_per_s']:.1f} | {r['throughput_ratio']:.3f} "
               f"| {p['mean_step_ms']:.1f} | {h['mean_step_ms']:.1f} | {r['step_time_ratio']:.3f} "
-              f"| {h['delivered']} ({h['failed']}) |")
+              f"| {h['delivered']} ({h['failed']}) "
+              f"| {p.get('dispatcher_cpu_s', '-')} / {h.get('dispatcher_cpu_s', '-')} |")
     print(f"\nmedian throughput hooked/plain {report['median_throughput_ratio']:.3f}, "
           f"median step time hooked/plain {report['median_step_time_ratio']:.3f}")
     return 0

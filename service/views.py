@@ -12,7 +12,7 @@ from typing import Any
 
 from service.queue import JobState, JobStore
 from service.schemas import FrameView, ImageView, JobView, Progress, WebhookView
-from service.webhooks.outbox import Outbox
+from service.webhooks.outbox import webhook_view
 
 __all__ = ["job_view"]
 
@@ -38,7 +38,7 @@ def job_view(store: JobStore, job: dict[str, Any], since: int = -1, inline: bool
         images = [ImageView(index=i, seed=seeds[i], url=f"/jobs/{job_id}/images/{i}.png",
                             data=_b64(store.image_png(job_id, i)) if inline else None)
                   for i in range(job["num_images"])]
-    webhook = Outbox(store.redis).view(job_id)
+    webhook = webhook_view(store.redis, job_id)
     return JobView(
         id=job_id, status=status.value, model=job["model"], request=job["request"],
         progress=Progress(step=job["step"], total=job["total"], t=job["t"] if job["t"] >= 0 else None),

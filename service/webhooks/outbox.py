@@ -36,7 +36,7 @@ from redis import Redis
 
 from service.queue import TERMINAL_STATES, Event, StoreUnavailable
 
-__all__ = ["DELIVERY_STATES", "EVENTS", "Outbox", "deliveries_for", "message_id"]
+__all__ = ["DELIVERY_STATES", "EVENTS", "Outbox", "deliveries_for", "message_id", "webhook_view"]
 
 EVENTS = ("start", "frame", "completed")
 DELIVERY_STATES = ("pending", "delivered", "failed")
@@ -144,6 +144,22 @@ def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+def webhook_view(client: Any, job_id: str) -> dict[str, Any] | None:
+    """A job's ``{url, events, deliveries: [...]}`` (deliveries in the order they were created); None without a
+    webhook. One read."""
+    with _translate_errors():
+        raw = client.hgetall(_hook(job_id))
+    if not raw:
+        return None
+    fields = {_s(k): _s(v) for k, v in raw.items()}
+    deliveries = sorted((json.loads(v) for k, v in fields.items() if k.startswith("d:")),
+                        key=lambda d: int(d.get("seq", 0)))
+    return {"url": fields.get("url", ""), "events": json.loads(fields.get("events") or "[]"),
+            "deliveries": [{"id": d["id"], "event": d["event"], "status": d["status"],
+                            "attempts": int(d.get("attempts", 0)), "last_error": d.get("last_error"),
+                            "response_status": d.get("response_status")} for d in deliveries]}
+
+
 class Outbox:
     """Subscriptions (API side: ``subscribe``, ``discard``, ``view``) and the delivery schedule (dispatcher side:
     ``to_follow``, ``cursors``, ``record``, ``claim``, ``start_attempt``, ``finish``)."""
@@ -175,18 +191,7 @@ class Outbox:
             pipe.execute()
 
     def view(self, job_id: str) -> dict[str, Any] | None:
-        """``{url, events, deliveries: [...]}`` in the order the deliveries were created; None without a webhook."""
-        with _translate_errors():
-            raw = self.redis.hgetall(_hook(job_id))
-        if not raw:
-            return None
-        fields = {_s(k): _s(v) for k, v in raw.items()}
-        deliveries = sorted((json.loads(v) for k, v in fields.items() if k.startswith("d:")),
-                            key=lambda d: int(d.get("seq", 0)))
-        return {"url": fields.get("url", ""), "events": json.loads(fields.get("events") or "[]"),
-                "deliveries": [{"id": d["id"], "event": d["event"], "status": d["status"],
-                                "attempts": int(d.get("attempts", 0)), "last_error": d.get("last_error"),
-                                "response_status": d.get("response_status")} for d in deliveries]}
+        return webhook_view(self.redis, job_id)
 
     # ---- dispatcher side -----------------------------------------------------------------------------------
     def to_follow(self, now: float, lease: float, limit: int) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -106,8 +107,6 @@ def main(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=args.metrics_host)
-    import signal
-
     from service.webhooks.dispatcher import Dispatcher
 
     dispatcher = Dispatcher(settings, stop_grace=args.stop_grace,

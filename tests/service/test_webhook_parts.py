@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import random
+import subprocess
+import sys
 import time
 from email.utils import formatdate
 
@@ -88,3 +90,10 @@ def test_backoff_doubles_with_jitter_honours_retry_after_and_ends_with_the_windo
         assert full / 2 <= min(delays) and max(delays) <= full and max(delays) - min(delays) > full / 4
     assert policy.next_attempt_at(1, 0.0, 10.0, wait_at_least=45, rng=rng) == 55.0  # Retry-After beats backoff
     assert policy.next_attempt_at(1, 0.0, 299.0, rng=rng) is None  # past the window: give up
+
+
+def test_ddpm_webhooks_new_secret_prints_a_usable_secret() -> None:
+    out = subprocess.run([sys.executable, "-m", "service.cli", "webhooks", "--new-secret"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.strip()
+    assert out.startswith("whsec_") and len(secret_bytes(out)) == 32
+    assert Settings(webhook_secret=out).webhook_secret[0].get_secret_value() == out
