@@ -20,6 +20,10 @@ all expiring after the job TTL:
 ``ddpm:ratelimit:{client}:{window}``   the API's request count of a client (key digest) in a one-minute window
 =====================================  =================================================================
 
+Two other modules keep keys of their own next to these, each documenting them: ``service.webhooks.outbox``
+(``ddpm:webhook:{id}``, ``ddpm:webhooks:*``: webhook deliveries, fed from the events stream above) and
+``service.idempotency`` (``ddpm:idempotency:*``: Idempotency-Key records).
+
 RQ jobs are enqueued with ``Retry(max=max_retries)`` (default 1): the run after a worker died mid-job. The worker
 side of RQ (``WorkerSession``) claims jobs with RQ's own dequeue and execution records and ends them through
 RQ's success, failure and cancel handling, so RQ's registries mean what RQ means by them.
