@@ -3,15 +3,20 @@ scoping per API key, concurrent retries, and a failed creation that frees its ke
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 import redis
+from fastapi import Response
 
-from service.queue import JobStore, connect
+from service.idempotency import IdempotentCreation, fingerprint
+from service.queue import JobStore, connect, new_job_id
+from service.schemas import GenerateRequest
 
 from .conftest import ApiServer
 
@@ -101,3 +106,30 @@ def test_malformed_keys_are_422_naming_the_header(api_server: ApiServer, key: st
     r = httpx.post(f"{api_server.url}/generate", json={}, headers={"Idempotency-Key": key.encode()})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["message"].startswith("Idempotency-Key"), r.text
+
+
+def _record_key(api: ApiServer, key: str) -> tuple[redis.Redis, str]:
+    """The Redis record of ``key`` for this test's client (keys off: scoped to the address 127.0.0.1)."""
+    client = redis.Redis.from_url(api.settings.redis_url)
+    return client, IdempotentCreation(client, "addr-127.0.0.1", key, 60, "POST /generate", Response()).record_key
+
+
+def test_a_request_that_died_after_reserving_its_key_does_not_block_it(api_server: ApiServer) -> None:
+    client, record_key = _record_key(api_server, "orphan")
+    body = {"steps": 4}
+    fp = fingerprint("POST /generate", GenerateRequest(steps=4))
+    dead = {"fp": fp, "job": new_job_id(), "state": "pending", "at": time.time() - 120}  # its job never came
+    client.set(record_key, json.dumps(dead), ex=600)
+    r = _post(api_server, body, "orphan")
+    assert r.status_code == 202 and r.json()["id"] != dead["job"]  # taken over: the job is created once
+    assert _post(api_server, body, "orphan").json()["id"] == r.json()["id"]
+
+
+def test_a_job_created_by_a_request_that_died_before_marking_it_is_replayed(api_server: ApiServer) -> None:
+    job_id = _post(api_server, {"steps": 4}, None).json()["id"]
+    client, record_key = _record_key(api_server, "half-done")
+    fp = fingerprint("POST /generate", GenerateRequest(steps=4))
+    client.set(record_key, json.dumps({"fp": fp, "job": job_id, "state": "pending", "at": time.time()}), ex=600)
+    r = _post(api_server, {"steps": 4}, "half-done")
+    assert r.status_code == 200 and r.json()["id"] == job_id and _jobs_in_redis(api_server) == 1
+    assert json.loads(client.get(record_key))["state"] == "created"  # type: ignore[arg-type]
