@@ -23,7 +23,6 @@ Every error has the shape ``{"error": {"code", "message"}}``:
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import logging
@@ -32,7 +31,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,23 +47,23 @@ from starlette.types import Receive, Scope, Send
 from model.checkpoint_meta import CheckpointError, read_metadata
 from service import apidocs, metrics, openapi
 from service.http_server import server_config
+from service.idempotency import HEADER as IDEMPOTENCY_HEADER
+from service.idempotency import REPLAYED_HEADER, Idempotency
 from service.openapi import EVENT_STREAM, LOCATION, PNG, PROMETHEUS_TEXT
 from service.queue import TERMINAL_STATES, JobState, JobStore, StoreUnavailable, connect, is_valid_job_id
 from service.schemas import (
-    FrameView,
     GenerateAccepted,
     GenerateRequest,
-    ImageView,
     JobView,
     Limits,
     ModelInfo,
     ModelsView,
-    Progress,
     ReadyView,
     RequestInvalid,
     resolve_request,
 )
 from service.settings import Settings, get_settings
+from service.views import job_view
 from service.web import (
     ApiError,
     ApiKeys,
@@ -82,6 +80,8 @@ from service.web import (
     require_key,
     responses,
 )
+from service.webhooks import WebhookPolicy, requested_subscription
+from service.webhooks.outbox import Outbox
 
 __all__ = ["ApiError", "configure_parser", "create_app", "main"]
 
@@ -158,14 +158,6 @@ Who = Annotated[Caller, Depends(caller)]
 
 
 # ---- job views ---------------------------------------------------------------------------------------------
-def _iso(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
-
-
-def _b64(png: bytes | None) -> str | None:
-    return None if png is None else base64.b64encode(png).decode()
-
-
 def _not_found(job_id: str, ttl: int) -> ApiError:
     return ApiError(404, "not_found", f"no job {job_id}: the id is unknown or the job expired (jobs and their "
                                       f"frames and images are kept {ttl} s); expired jobs answer 404, not 410")
@@ -182,32 +174,6 @@ def _get_job(store: JobStore, job_id: str, who: Caller) -> dict[str, Any]:
     return job
 
 
-def _job_view(store: JobStore, job: dict[str, Any], since: int, inline: bool) -> JobView:
-    job_id, status = job["id"], JobState(job["status"])
-    frames = [FrameView(index=f["index"], step=f["step"], t=f["t"], url=f"/jobs/{job_id}/frames/{f['index']}.png",
-                        data=_b64(store.frame_png(job_id, f["index"])) if inline else None)
-              for f in store.frames(job_id, since)]
-    images = []
-    if status is JobState.SUCCEEDED:
-        seeds = job["seeds"] or [None] * job["num_images"]
-        images = [ImageView(index=i, seed=seeds[i], url=f"/jobs/{job_id}/images/{i}.png",
-                            data=_b64(store.image_png(job_id, i)) if inline else None)
-                  for i in range(job["num_images"])]
-    return JobView(
-        id=job_id, status=status.value, model=job["model"], request=job["request"],
-        progress=Progress(step=job["step"], total=job["total"], t=job["t"] if job["t"] >= 0 else None),
-        queue_position=_queue_position(store, job_id) if status is JobState.QUEUED else None,
-        frames=frames, images=images, error=job["error"],
-        cancel_requested=status is JobState.RUNNING and store.cancel_requested(job_id), attempt=job["attempt"],
-        created_at=_iso(job["created_at"]), started_at=_iso(job["started_at"]), ended_at=_iso(job["ended_at"]))
-
-
-def _queue_position(store: JobStore, job_id: str) -> int | None:
-    """1 = the next job a worker takes."""
-    position = store.queue_position(job_id)
-    return None if position is None else position + 1
-
-
 def _png(data: bytes | None, what: str) -> Response:
     if data is None:
         raise ApiError(410, "expired", f"{what} has expired")
@@ -220,11 +186,21 @@ info = APIRouter(tags=["service"])
 health = APIRouter(tags=["health"])
 
 
+def _accepted(job_id: str, status: str) -> GenerateAccepted:
+    return GenerateAccepted(id=job_id, status=status, status_url=f"/jobs/{job_id}",  # type: ignore[arg-type]
+                            events_url=f"/jobs/{job_id}/events")
+
+
 @jobs.post("/generate", status_code=202, response_model=GenerateAccepted, response_description="queued",
-           responses={202: {"headers": LOCATION}, **responses(400, 413, 422, 503)})
-def generate(body: GenerateRequest, request: Request, response: Response, store: Store, who: Who
-             ) -> GenerateAccepted:
-    """Queue a generation job; poll ``status_url`` or stream ``events_url``."""
+           responses={202: {"headers": LOCATION},
+                      200: {"model": GenerateAccepted, "headers": LOCATION,
+                            "description": "an Idempotency-Key replay: the job the first request with this key "
+                                           "created"},
+                      **responses(400, 409, 413, 422, 503)})
+def generate(body: GenerateRequest, request: Request, response: Response, store: Store, who: Who,
+             idempotency: Idempotency) -> GenerateAccepted:
+    """Queue a generation job; poll ``status_url``, stream ``events_url``, or name a ``webhook``. With an
+    ``Idempotency-Key`` a retried request returns the job the first one created (200) instead of a new one."""
     settings, catalog = _settings(request), request.app.state.catalog
     models = catalog.available()
     name = catalog.default if body.model is None else body.model
@@ -232,13 +208,29 @@ def generate(body: GenerateRequest, request: Request, response: Response, store:
         raise ApiError(503, "model_unavailable", f"model {name!r} is configured but its checkpoint cannot be "
                                                  "read by the API yet; see GET /models")
     resolved = resolve_request(body, request.app.state.limits, models, catalog.default)
-    job_id = store.submit(resolved.to_dict(), resolved.model, num_images=resolved.num_images,
-                          total_steps=resolved.steps, seeds=[resolved.seed] * resolved.num_images,
-                          max_queue_length=settings.max_queue_length, owner=who.key)
-    metrics.JOBS_SUBMITTED.labels(resolved.model).inc()
-    response.headers["Location"] = f"/jobs/{job_id}"
-    return GenerateAccepted(id=job_id, status="queued", status_url=f"/jobs/{job_id}",
-                            events_url=f"/jobs/{job_id}/events")
+    hook = requested_subscription(body.webhook, body.webhook_events_filter, request.app.state.webhook_policy)
+
+    def create(job_id: str) -> GenerateAccepted:
+        if hook is not None:  # before the job exists: no event of it can be missed
+            Outbox(store.redis).subscribe(job_id, hook.url, hook.events, store.ttl, time.time())
+        try:
+            store.submit(resolved.to_dict(), resolved.model, num_images=resolved.num_images,
+                         total_steps=resolved.steps, seeds=[resolved.seed] * resolved.num_images,
+                         max_queue_length=settings.max_queue_length, owner=who.key, job_id=job_id)
+        except BaseException:
+            if hook is not None:
+                Outbox(store.redis).discard(job_id)
+            raise
+        metrics.JOBS_SUBMITTED.labels(resolved.model).inc()
+        return _accepted(job_id, "queued")
+
+    def existing(job_id: str) -> GenerateAccepted | None:
+        job = store.get(job_id)
+        return None if job is None else _accepted(job_id, job["status"])
+
+    accepted = idempotency.run(body, create, existing)
+    response.headers["Location"] = accepted.status_url
+    return accepted
 
 
 @jobs.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=False,
@@ -248,7 +240,7 @@ def get_job(job_id: str, store: Store, who: Who,
             inline: Annotated[bool, Query(description="add base64 PNG data to frames and images")] = False
             ) -> JobView:
     """A job's status, progress, queue position, frames so far and (once succeeded) its images."""
-    return _job_view(store, _get_job(store, job_id, who), since, inline)
+    return job_view(store, _get_job(store, job_id, who), since, inline)
 
 
 @jobs.get("/jobs/{job_id}/frames/{index}.png", response_class=Response,
@@ -287,7 +279,7 @@ def cancel_job(job_id: str, store: Store, response: Response, who: Who) -> JobVi
         raise _not_found(job_id, store.ttl)
     if state not in TERMINAL_STATES:
         response.status_code = 202
-    return _job_view(store, _get_job(store, job["id"], who), since=-1, inline=False)
+    return job_view(store, _get_job(store, job["id"], who), since=-1, inline=False)
 
 
 SSE_RETRY_MS = 1000  # how long an EventSource waits before it reconnects (sent with the first event)
@@ -480,7 +472,8 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
                               "Errors: `{\"error\": {\"code\", \"message\"}}`.")
     app.state.keys = ApiKeys(settings.api_keys, settings.admin_api_keys)  # the app keeps the keys' digests only
     app.state.refused_keys = RefusedKeys(settings.auth_failures_per_minute)
-    app.state.settings = settings.model_copy(update={"api_keys": [], "admin_api_keys": []})
+    app.state.settings = settings.model_copy(update={"api_keys": [], "admin_api_keys": [], "webhook_secret": []})
+    app.state.webhook_policy = WebhookPolicy.from_settings(settings)  # whether secrets are set, not the secrets
     app.state.catalog = ModelCatalog(settings.checkpoints)
     app.state.limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps,
                               settings.max_frames_per_job)
@@ -505,8 +498,9 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "Last-Event-ID"],
-                           expose_headers=["Location", "Retry-After"])
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "Last-Event-ID",
+                                          IDEMPOTENCY_HEADER],
+                           expose_headers=["Location", "Retry-After", REPLAYED_HEADER])
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(ClientAddressMiddleware, trusted=TrustedProxies(settings.trusted_proxies))  # outermost
     return app

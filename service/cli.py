@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.api", "run the HTTP API"),
     "worker": ("service.worker", "run a generation worker (keeps the U-Net loaded)"),
     "up": ("service.stack", "run the whole stack locally: Redis, a worker and the API"),
+    "webhooks": ("service.webhooks.process", "deliver webhooks (every worker does too); --new-secret makes a "
+                                                "signing secret"),
 }
 
 

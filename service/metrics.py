@@ -31,6 +31,7 @@ from prometheus_client import (
 __all__ = [
     "API_REGISTRY",
     "CONTENT_TYPE",
+    "DISPATCHER_REGISTRY",
     "HTTP_REQUESTS",
     "HTTP_REQUEST_DURATION",
     "IMAGES_GENERATED",
@@ -42,6 +43,8 @@ __all__ = [
     "QUEUE_DEPTH",
     "STEP_BATCH_SIZE",
     "STEP_DURATION",
+    "WEBHOOK_ATTEMPTS",
+    "WEBHOOK_DELIVERIES",
     "WORKER_ACTIVE_JOBS",
     "WORKER_ERRORS",
     "WORKER_MODEL_LOADED",
@@ -107,3 +110,16 @@ WORKER_MODEL_LOADED = Gauge("ddpm_worker_model_loaded", "1 when this worker's ch
                             registry=WORKER_REGISTRY)
 WORKER_ERRORS = Counter("ddpm_worker_errors_total", "Errors in this worker, by kind (redis, heartbeat, background, "
                         "job_<code>).", ["kind"], registry=WORKER_REGISTRY)
+
+# ---- webhooks: the dispatcher's (service/webhooks/dispatcher.py) ----------------------------------------------
+# A worker runs the dispatcher as its child and counts what it relays in its own /metrics (WORKER_REGISTRY); a
+# `ddpm webhooks` process on its own serves the same two families with its process families (DISPATCHER_REGISTRY).
+WEBHOOK_ATTEMPTS = Counter("ddpm_webhook_delivery_attempts_total",
+                           "Webhook POST attempts by event and result (2xx, 3xx, 4xx, 5xx, timeout, connect_error, "
+                           "dns_error, refused, expired).", ["event", "result"], registry=WORKER_REGISTRY)
+WEBHOOK_DELIVERIES = Counter("ddpm_webhook_deliveries_total",
+                             "Webhook deliveries that ended, by event and outcome (delivered, failed: given up).",
+                             ["event", "outcome"], registry=WORKER_REGISTRY)
+DISPATCHER_REGISTRY = _registry()
+DISPATCHER_REGISTRY.register(WEBHOOK_ATTEMPTS)
+DISPATCHER_REGISTRY.register(WEBHOOK_DELIVERIES)

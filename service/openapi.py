@@ -37,6 +37,8 @@ _ERRORS: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {
           {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}, {}),
     403: ("forbidden: the API key is not valid", {}, {}),
     404: ("not_found: unknown id, expired job, or no such frame or image", {}, {}),
+    409: ("idempotency_in_progress: a request with this Idempotency-Key is still creating its job; retry",
+          {"Retry-After": RETRY_AFTER}, {}),
     410: ("expired: the PNG is gone (its job outlived it)", {}, {}),
     413: ("body_too_large: the request body is over DDPM_MAX_BODY_BYTES", {}, {}),
     422: ("invalid_request: the field and its allowed range or values", {}, {}),

@@ -22,6 +22,10 @@ all expiring after the job TTL:
                                        window; ``client`` is an opaque id (a key digest prefix or an address)
 =====================================  =================================================================
 
+Two other modules keep keys of their own next to these, each documenting them: ``service.webhooks.outbox``
+(``ddpm:webhook:{id}``, ``ddpm:webhooks:*``: webhook deliveries, fed from the events stream above) and
+``service.idempotency`` (``ddpm:idempotency:*``: Idempotency-Key records).
+
 RQ jobs are enqueued with ``Retry(max=max_retries)`` (default 1): the run after a worker died mid-job. The worker
 side of RQ (``WorkerSession``) claims jobs with RQ's own dequeue and execution records and ends them through
 RQ's success, failure and cancel handling, so RQ's registries mean what RQ means by them.
@@ -158,14 +162,18 @@ class JobStore:
 
     # ---- API side ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], model: str, *, num_images: int, total_steps: int,
-               seeds: Sequence[int], max_queue_length: int, retry_after: int = 5, owner: str | None = None) -> str:
+               seeds: Sequence[int], max_queue_length: int, retry_after: int = 5, owner: str | None = None,
+               job_id: str | None = None) -> str:
         """Create the job record, its ``queued`` event and the RQ job. ``owner``: the submitting API key's digest
-        (hex), kept on the record. Raises ``QueueFull``."""
+        (hex), kept on the record. ``job_id``: an id the caller drew beforehand with ``new_job_id`` (an idempotent
+        request reserves it first). Raises ``QueueFull``."""
+        if job_id is not None and not is_valid_job_id(job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
         with _translate_errors():
             length = self.queue_length()
             if length >= max_queue_length:
                 raise QueueFull(length, retry_after)
-            job_id = new_job_id()
+            job_id = job_id or new_job_id()
             now = time.time()
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(_k(job_id), mapping={

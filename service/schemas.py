@@ -32,6 +32,8 @@ __all__ = [
     "ReadyView",
     "RequestInvalid",
     "ResolvedRequest",
+    "WebhookDeliveryView",
+    "WebhookView",
     "frame_count",
     "resolve_request",
 ]
@@ -40,6 +42,7 @@ MAX_SEED = 2**31 - 1
 Sampler = Literal["ddpm", "ddim"]
 Variance = Literal["fixedlarge", "fixedsmall"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+WebhookEvent = Literal["start", "frame", "completed"]  # service.webhooks.outbox.EVENTS
 
 
 class RequestInvalid(ValueError):
@@ -67,6 +70,18 @@ class GenerateRequest(BaseModel):
     preview_every: int | None = Field(None, ge=1, description="an x0-hat frame every this many steps "
                                                               "(1..steps); default about 20 frames per job")
     model: str | None = Field(None, description="a name from GET /models; default: the first served model")
+    # ---- webhooks (service/webhooks/) ----
+    webhook: str | None = Field(None, max_length=2048, description="an http(s) URL that receives the job record "
+                                                                   "(as GET /jobs/{id} returns it) on the events "
+                                                                   "of webhook_events_filter, signed per Standard "
+                                                                   "Webhooks; loopback, private and link-local "
+                                                                   "addresses are refused unless the server allows "
+                                                                   "them")
+    webhook_events_filter: list[WebhookEvent] | None = Field(
+        None, min_length=1, max_length=3, description="which events are delivered: start (a worker started the "
+                                                      "job), frame (a new x0-hat frame; throttled), completed "
+                                                      "(succeeded, failed or canceled; images readable); default "
+                                                      "start and completed")
 
     @field_validator("num_images", "seed", "steps", "eta", "preview_every", mode="before")
     @classmethod
@@ -198,6 +213,22 @@ class ImageView(BaseModel):
     data: str | None = Field(None, description="base64 PNG, only with ?inline=1")
 
 
+class WebhookDeliveryView(BaseModel):
+    id: str = Field(description="the webhook-id header: the same for every attempt, so receivers de-duplicate")
+    event: WebhookEvent
+    status: Literal["pending", "delivered", "failed"] = Field(description="pending: waiting for an attempt or "
+                                                                          "being retried; failed: given up")
+    attempts: int
+    last_error: str | None = Field(description="what went wrong in the last failed attempt")
+    response_status: int | None = Field(description="the HTTP status of the last response, if any")
+
+
+class WebhookView(BaseModel):
+    url: str
+    events: list[WebhookEvent]
+    deliveries: list[WebhookDeliveryView] = Field(description="in the order they were created")
+
+
 class JobView(BaseModel):
     id: str
     status: JobStatus
@@ -214,6 +245,8 @@ class JobView(BaseModel):
     created_at: datetime | None
     started_at: datetime | None
     ended_at: datetime | None
+    webhook: WebhookView | None = Field(None, description="the job's webhook and what happened to each delivery; "
+                                                          "null without one")
 
 
 class ModelInfo(BaseModel):

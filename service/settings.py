@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DEMO_CHECKPOINT", "Settings", "get_settings", "parse_checkpoints"]
@@ -42,7 +42,8 @@ def parse_checkpoints(value: str | list[str] | dict[str, str]) -> dict[str, str]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+    # hide_input_in_errors: a refused value is never echoed (API keys and webhook secrets are settings too)
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore", hide_input_in_errors=True)
 
     # Where things are
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -101,6 +102,27 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # ---- webhooks (service/webhooks/) --------------------------------------------------------------------
+    webhook_secret: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Standard Webhooks signing secrets (whsec_ + base64 of 24-64 random "
+                                          "bytes), comma-separated; each delivery is signed with every one (list "
+                                          "the new and the old while rotating); empty: webhooks are refused (422)")
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="hosts or CIDRs a webhook may reach although they are loopback, private, "
+                                          "link-local or metadata addresses; empty by default")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=120, description="one delivery attempt, from connecting "
+                                                                           "to the response's status line")
+    webhook_retry_window_seconds: float = Field(3600.0, ge=0, description="a delivery is retried for this long "
+                                                                          "after its first attempt, then given up")
+    webhook_backoff_seconds: float = Field(2.0, gt=0, description="delay before the first retry; doubled per "
+                                                                  "attempt, with jitter")
+    webhook_backoff_max_seconds: float = Field(600.0, gt=0, description="longest delay between two attempts "
+                                                                        "(a longer Retry-After is honoured)")
+    webhook_frame_interval_seconds: float = Field(1.0, ge=0, description="at most one `frame` delivery per job "
+                                                                         "in this many seconds")
+    webhook_concurrency: int = Field(8, ge=0, le=256, description="deliveries in flight per worker (and per "
+                                                                  "`ddpm webhooks`); 0: this process delivers none")
+
     @field_validator("checkpoints", mode="before")
     @classmethod
     def _checkpoints(cls, v: object) -> dict[str, str]:
@@ -109,7 +131,8 @@ class Settings(BaseSettings):
             raise ValueError("at least one checkpoint NAME=FILE is needed")
         return parsed
 
-    @field_validator("api_keys", "admin_api_keys", "cors_origins", "trusted_proxies", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "cors_origins", "trusted_proxies", "webhook_secret",
+                     "webhook_allow_hosts", mode="before")
     @classmethod
     def _csv(cls, v: object) -> list[str]:
         if isinstance(v, str):
@@ -125,6 +148,23 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"trusted proxy {item!r} is not an IP address or CIDR network "
                                  "(e.g. 10.0.0.0/8)") from None
+        return v
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secrets(cls, v: list[SecretStr]) -> list[SecretStr]:
+        from service.webhooks.signing import secret_bytes
+
+        for i, secret in enumerate(v):  # SecretStr: an error never shows the value
+            secret_bytes(secret.get_secret_value(), f"DDPM_WEBHOOK_SECRET entry {i + 1}")
+        return v
+
+    @field_validator("webhook_allow_hosts")
+    @classmethod
+    def _webhook_allow_hosts(cls, v: list[str]) -> list[str]:
+        from service.webhooks.urls import AllowList
+
+        AllowList.parse(v)
         return v
 
     @property

@@ -228,6 +228,7 @@ class Worker:
         self.session.register()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
+        webhooks = self._start_webhooks()
         try:
             self._loop(self.engine)
         finally:
@@ -235,10 +236,21 @@ class Worker:
             if handed:
                 log.info("handed back %d job(s): %s", len(handed), ", ".join(handed))
             self.lanes.close()
+            if webhooks is not None:
+                webhooks.stop()
             self._done.set()
             beat.join(timeout=self.beat_every + 1)
             self._goodbye()
         return 0
+
+    def _start_webhooks(self) -> Any:
+        """The webhook dispatcher, a child process (``service.webhooks.process``): it shares no thread and no GIL
+        with the denoising loop. None when ``webhook_concurrency`` is 0 or no signing secret is set."""
+        if self.settings.webhook_concurrency <= 0 or not self.settings.webhook_secret:
+            return None
+        from service.webhooks.process import DispatcherProcess
+
+        return DispatcherProcess(self.settings, self.settings.webhook_concurrency)
 
     def _loop(self, engine: Engine) -> None:
         backoff = 0.5
@@ -420,13 +432,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="seconds to keep running active jobs after SIGTERM before handing them back")
     parser.add_argument("--lease-seconds", type=int, default=15,
                         help="a job whose worker has not renewed it for this long is retried or failed")
+    parser.add_argument("--webhook-concurrency", type=int,
+                        help="webhook deliveries in flight in this worker, 0: none (env DDPM_WEBHOOK_CONCURRENCY; 8)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for flag, field in (("redis_url", "redis_url"), ("device", "device"), ("metrics_port", "worker_metrics_port"),
                         ("max_batch_size", "max_batch_size"), ("precision", "precision"),
-                        ("channels_last", "channels_last"), ("compile", "compile"), ("cuda_graphs", "cuda_graphs")):
+                        ("channels_last", "channels_last"), ("compile", "compile"), ("cuda_graphs", "cuda_graphs"),
+                        ("webhook_concurrency", "webhook_concurrency")):
         if getattr(args, flag, None) is not None:
             overrides[field] = getattr(args, flag)
     if args.checkpoint:

@@ -86,6 +86,7 @@ function request() {
     sampler: $("sampler").value,
   };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if ($("webhook").value.trim()) body.webhook = $("webhook").value.trim();
   return body;
 }
 
@@ -126,6 +127,42 @@ function showProgress(p) {
   setStatus("running", `step ${p.step} of ${p.total}` + (p.t != null ? `, t=${p.t}` : ""));
 }
 
+// ---- webhook deliveries: what happened to each POST the server made to the job's webhook ----
+function showWebhook(view) {
+  const hook = view.webhook;
+  $("webhook-card").hidden = !hook;
+  if (!hook) return true;
+  $("webhook-url").textContent = `${hook.url} (events: ${hook.events.join(", ")})`;
+  const rows = hook.deliveries.map((d) => {
+    const tr = document.createElement("tr");
+    for (const [text, cls] of [[d.event, ""], [d.status, d.status], [String(d.attempts), ""], [d.last_error || "", ""]]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (cls) td.className = cls;
+      tr.appendChild(td);
+    }
+    return tr;
+  });
+  $("deliveries").tBodies[0].replaceChildren(...rows);
+  // Settled: the job ended, its `completed` delivery (when asked for) exists and no delivery is pending.
+  const settled = TERMINAL.has(view.status) && hook.deliveries.every((d) => d.status !== "pending") &&
+    (!hook.events.includes("completed") || hook.deliveries.some((d) => d.event === "completed"));
+  document.body.dataset.webhookSettled = String(settled);
+  return settled;
+}
+
+async function watchDeliveries(jobId, triesLeft) {
+  // `completed` is delivered after the job ends: keep looking until no delivery is pending (about a minute at most).
+  if (!job || job.id !== jobId || triesLeft <= 0) return;
+  try {
+    const view = await api("GET", `/jobs/${jobId}?since=${job.lastFrame}`);
+    if (showWebhook(view)) return;
+  } catch (e) {
+    showError(e.message);
+  }
+  setTimeout(() => watchDeliveries(jobId, triesLeft - 1), 1000);
+}
+
 async function finish(status) {
   if (job.done) return;
   job.done = true;
@@ -148,6 +185,7 @@ async function finish(status) {
       setStatus(view.status, "");
     }
     document.body.dataset.images = String(view.images.length);
+    if (view.webhook) watchDeliveries(job.id, 60);
   } catch (e) {
     showError(e.message);
     setStatus(status);
@@ -179,6 +217,7 @@ async function poll() {
   try {
     const view = await api("GET", `/jobs/${job.id}?since=${job.lastFrame}&inline=1`);
     view.frames.forEach(addFrame);
+    showWebhook(view);
     if (view.status === "queued") setStatus("queued", `number ${view.queue_position ?? "?"} in the queue (1 = next)`);
     else if (view.status === "running") showProgress(view.progress);
     if (TERMINAL.has(view.status)) return finish(view.status);
@@ -196,7 +235,10 @@ async function submit(event) {
   $("images").innerHTML = "";
   $("current").innerHTML = "";
   $("progress").value = 0;
+  $("webhook-card").hidden = true;
+  $("deliveries").tBodies[0].replaceChildren();
   delete document.body.dataset.images;
+  delete document.body.dataset.webhookSettled;
   $("submit").disabled = true;
   try {
     const accepted = await api("POST", "/generate", request());
@@ -223,9 +265,9 @@ async function cancel() {
 }
 
 function applyQuery() {
-  // Options in the URL (?num_images=2&steps=50&seed=7&autostart=1) make a run shareable and scriptable.
+  // Options in the URL (?num_images=2&steps=50&seed=7&webhook=...&autostart=1) make a run shareable and scriptable.
   const q = new URLSearchParams(location.search);
-  for (const name of ["num_images", "steps", "seed", "sampler"]) if (q.has(name)) $(name).value = q.get(name);
+  for (const name of ["num_images", "steps", "seed", "sampler", "webhook"]) if (q.has(name)) $(name).value = q.get(name);
   if (q.has("model")) $("model").value = q.get("model");
   onModelChange();
   if (q.has("steps")) $("steps").value = q.get("steps");

@@ -170,7 +170,7 @@ API_FAMILIES = {"ddpm_http_requests_total", "ddpm_http_request_duration_seconds"
 WORKER_FAMILIES = {"ddpm_jobs_finished_total", "ddpm_job_queue_wait_seconds", "ddpm_job_run_duration_seconds",
                    "ddpm_denoising_step_duration_seconds", "ddpm_denoising_step_batch_images",
                    "ddpm_images_generated_total", "ddpm_worker_active_jobs", "ddpm_worker_model_loaded",
-                   "ddpm_worker_errors_total"}
+                   "ddpm_worker_errors_total", "ddpm_webhook_delivery_attempts_total", "ddpm_webhook_deliveries_total"}
 
 
 def _families(exposition: str) -> set[str]:
