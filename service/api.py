@@ -41,7 +41,15 @@ from starlette.types import Receive, Scope, Send
 
 from model.checkpoint import CheckpointError, read_metadata
 from service import metrics
-from service.queue import TERMINAL_STATES, JobState, JobStore, StoreUnavailable, connect, is_valid_job_id
+from service.queue import (
+    TERMINAL_STATES,
+    CircuitBreaker,
+    JobState,
+    JobStore,
+    StoreUnavailable,
+    connect,
+    is_valid_job_id,
+)
 from service.schemas import (
     FrameView,
     GenerateAccepted,
@@ -275,7 +283,11 @@ async def _event_stream(request: Request, job_id: str, last_id: str) -> AsyncIte
             if ev.event in TERMINAL_STATES:
                 return
         if not events:
-            job = await anyio.to_thread.run_sync(store.get, job_id, limiter=state.sse_limiter)
+            try:
+                job = await anyio.to_thread.run_sync(store.get, job_id, limiter=state.sse_limiter)
+            except StoreUnavailable:
+                yield ": job store unavailable; reconnect with Last-Event-ID\n\n"
+                return
             if job is None or job["status"] in TERMINAL_STATES:
                 return  # expired, or the terminal event was already sent before this connection
             if time.monotonic() - quiet_since >= state.sse_keepalive_s:
@@ -414,7 +426,9 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         kw = {"queue_name": settings.queue_name, "ttl_seconds": settings.job_ttl_seconds,
               "job_timeout_seconds": settings.job_timeout_seconds}
-        app.state.store = JobStore(connect(settings.redis_url, timeout=1.0), **kw)  # type: ignore[arg-type]
+        timeout = settings.store_timeout_seconds  # a hung Redis costs a request this long, then fails fast
+        app.state.store = JobStore(connect(settings.redis_url, timeout=timeout), high_water=settings.store_high_water,
+                                   breaker=CircuitBreaker(open_seconds=timeout), **kw)  # type: ignore[arg-type]
         # SSE reads block up to sse_block_ms, so they get their own client and thread limiter.
         app.state.event_store = JobStore(connect(settings.redis_url, timeout=sse_block_ms / 1000 + 2.0),
                                          **kw)  # type: ignore[arg-type]

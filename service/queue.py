@@ -25,7 +25,20 @@ side of RQ (``WorkerSession``) claims jobs with RQ's own dequeue and execution r
 RQ's success, failure and cancel handling, so RQ's registries mean what RQ means by them.
 
 Final images and the ``succeeded`` status are written in one MULTI/EXEC transaction, so a crash while writing
-never leaves a job that says ``succeeded`` without its images. Redis errors surface as ``StoreUnavailable``.
+never leaves a job that says ``succeeded`` without its images. Admission is one WATCH/MULTI transaction too: the
+queue-length check and the enqueue (RQ's ``enqueue_call(pipeline=...)``) commit together or not at all, so
+concurrent submitters never push the queue past its bound.
+
+Every Redis error, from our calls or from inside RQ's, surfaces as one exception family::
+
+    StoreUnavailable          code "store_unavailable": unreachable, timed out, connection reset, read-only
+     |                        replica, loading its data set, refusing writes, any other ``redis.RedisError``
+     +-- StoreFull            code "store_full": Redis is out of memory (OOM), or the store is past the API's
+                              high-water mark (``JobStore.high_water``) and new jobs are refused so that running
+                              ones can still write
+
+A ``CircuitBreaker`` (the API's store has one) makes calls fail fast for a moment after one timed out, so
+requests queued behind a hung Redis do not each wait out their own timeout.
 """
 
 from __future__ import annotations
@@ -45,15 +58,18 @@ from redis import Redis
 
 __all__ = [
     "TERMINAL_STATES",
+    "CircuitBreaker",
     "Claim",
     "JobState",
     "JobStore",
     "QueueFull",
+    "StoreFull",
     "StoreUnavailable",
     "WorkerSession",
     "connect",
     "is_valid_job_id",
     "new_job_id",
+    "store_error",
 ]
 
 RUN_JOB_FUNCTION = "service.worker.run_job"
@@ -72,7 +88,22 @@ TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCE
 
 
 class StoreUnavailable(Exception):
-    """Redis could not be reached (or timed out)."""
+    """The store (Redis) cannot do this now. ``code`` and ``retry_after`` (seconds) are what clients are told;
+    ``timed_out``: the store did not answer in time (it may be hung, not just down)."""
+
+    code = "store_unavailable"
+    retry_after = 2
+
+    def __init__(self, message: str, *, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class StoreFull(StoreUnavailable):
+    """Redis is out of memory, or past the API's high-water mark: no new jobs until finished ones expire."""
+
+    code = "store_full"
+    retry_after = 30
 
 
 class QueueFull(Exception):
@@ -98,12 +129,77 @@ def connect(url: str, *, timeout: float = 1.0) -> Redis:
                                 health_check_interval=10, retry_on_timeout=False)
 
 
+def store_error(exc: redis.RedisError) -> StoreUnavailable:
+    """The one exception a Redis error becomes (see the module docstring). The message is cut short: redis-py
+    puts a failed pipeline command, arguments and all (PNG bytes...), into it."""
+    message = f"{type(exc).__name__}: {exc}"
+    message = message if len(message) <= 300 else message[:300] + "..."
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
+        return StoreFull(message)
+    return StoreUnavailable(message, timed_out=isinstance(exc, redis.TimeoutError))
+
+
 @contextmanager
 def _translate_errors() -> Iterator[None]:
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailable(str(exc)) from exc
+    except redis.RedisError as exc:
+        raise store_error(exc) from exc
+
+
+class CircuitBreaker:
+    """Fail fast while the store hangs. After a call times out, every call for the next ``open_seconds`` fails
+    at once with ``StoreUnavailable``; then one call at a time is let through to try the store again, and the
+    first answer of any kind (even an error reply: the store is answering) closes the breaker. Refused
+    connections fail fast on their own and do not open it. Thread-safe."""
+
+    def __init__(self, open_seconds: float, clock: Any = time.monotonic):
+        self.open_seconds, self._clock = open_seconds, clock
+        self._lock = threading.Lock()
+        self._open_until: float | None = None  # None: closed
+        self._trying = False
+
+    def before(self) -> None:
+        with self._lock:
+            if self._open_until is None:
+                return
+            if self._trying or self._clock() < self._open_until:
+                raise StoreUnavailable("the store did not answer within its timeout a moment ago; not trying "
+                                       "again yet", timed_out=True)
+            self._trying = True  # this call tries the store; the others keep failing fast
+
+    def after(self, error: StoreUnavailable | None) -> None:
+        with self._lock:
+            self._trying = False
+            if error is not None and error.timed_out:
+                self._open_until = self._clock() + self.open_seconds
+            else:
+                self._open_until = None
+
+
+_guarded = threading.local()  # .active: this thread is inside a JobStore call that holds the breaker
+
+
+class _MemorySample:
+    """``used_memory / maxmemory`` from INFO, refreshed at most every ``every`` seconds (thread-safe: one
+    thread refreshes, the others use the last sample meanwhile)."""
+
+    def __init__(self, every: float = 1.0):
+        self.every = every
+        self._lock = threading.Lock()
+        self._at = -float("inf")
+        self._fraction: float | None = None
+
+    def fraction(self, client: Any) -> float | None:
+        if time.monotonic() - self._at >= self.every and self._lock.acquire(blocking=False):
+            try:
+                info = client.info("memory")
+                limit = int(info.get("maxmemory") or 0)
+                self._fraction = int(info["used_memory"]) / limit if limit else None
+                self._at = time.monotonic()
+            finally:
+                self._lock.release()
+        return self._fraction
 
 
 def _k(job_id: str, *parts: str | int) -> str:
@@ -126,13 +222,38 @@ class JobStore:
     ``start``, ``progress``, ``add_frame``, ``succeed``, ``fail``, ``mark_canceled``, ``heartbeat``."""
 
     def __init__(self, client: Redis, *, queue_name: str = "ddpm", ttl_seconds: int = 86400,
-                 job_timeout_seconds: int = 3600, stream_maxlen: int = 2000, max_retries: int = 1):
+                 job_timeout_seconds: int = 3600, stream_maxlen: int = 2000, max_retries: int = 1,
+                 high_water: float | None = None, breaker: CircuitBreaker | None = None):
         self.redis: Any = client  # redis-py's stubs type replies too loosely to help here
         self.queue_name = queue_name
         self.ttl = ttl_seconds
         self.job_timeout = job_timeout_seconds
         self.stream_maxlen = stream_maxlen
         self.max_retries = max_retries  # runs after the first when a worker dies mid-job (RQ's Retry)
+        self.high_water = high_water  # refuse new jobs once used_memory / maxmemory reaches this (None: never)
+        self.breaker = breaker
+        self._memory = _MemorySample()
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Translate Redis errors (``StoreUnavailable``) and keep the circuit breaker informed (by the
+        outermost guard of a thread: methods may call each other)."""
+        if self.breaker is None or getattr(_guarded, "active", False):
+            with _translate_errors():
+                yield
+            return
+        self.breaker.before()
+        _guarded.active = True
+        error: StoreUnavailable | None = None
+        try:
+            with _translate_errors():
+                yield
+        except StoreUnavailable as exc:
+            error = exc
+            raise
+        finally:
+            _guarded.active = False
+            self.breaker.after(error)
 
     # ---- RQ -----------------------------------------------------------------------------------------------
     def rq_queue(self) -> Any:
@@ -141,50 +262,75 @@ class JobStore:
         return Queue(self.queue_name, connection=self.redis)
 
     def ping(self) -> None:
-        with _translate_errors():
+        with self._guard():
             self.redis.ping()
 
     def queue_length(self) -> int:
-        with _translate_errors():
+        with self._guard():
             return int(self.rq_queue().count)
 
     def queue_position(self, job_id: str) -> int | None:
         """0-based position among queued jobs, or None when not queued."""
-        with _translate_errors():
+        with self._guard():
             pos = self.rq_queue().get_job_position(job_id)
         return None if pos is None else int(pos)
 
     # ---- API side ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], model: str, *, num_images: int, total_steps: int,
                seeds: Sequence[int], max_queue_length: int, retry_after: int = 5) -> str:
-        """Create the job record, its ``queued`` event and the RQ job. Raises ``QueueFull``."""
-        with _translate_errors():
-            length = self.queue_length()
-            if length >= max_queue_length:
-                raise QueueFull(length, retry_after)
-            job_id = new_job_id()
-            now = time.time()
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(_k(job_id), mapping={
-                "status": JobState.QUEUED.value, "model": model, "request": json.dumps(request),
-                "num_images": num_images, "total": total_steps, "step": 0, "t": -1, "num_frames": 0,
-                "seeds": json.dumps(list(seeds)), "created_at": now, "attempt": 0,
-            })
-            pipe.expire(_k(job_id), self.ttl)
-            self._add_event(pipe, job_id, "queued", {"status": "queued"})
-            pipe.execute()
-            from rq import Retry
+        """Create the job record, its ``queued`` event and the RQ job, in one transaction with the check that the
+        queue has room (WATCH on RQ's queue list: a concurrent enqueue makes this one re-check). Raises
+        ``QueueFull``, or ``StoreFull`` when the store is past its high-water mark."""
+        job_id, queue = new_job_id(), self.rq_queue()
+        with self._guard():
+            self._check_room()
+            queue.get_redis_server_version()  # RQ reads it while enqueueing; a WATCHed pipeline must not
+            with self.redis.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(queue.key)
+                        length = int(pipe.llen(queue.key))
+                        if length >= max_queue_length:
+                            raise QueueFull(length, retry_after)
+                        pipe.multi()
+                        self._queue_job(pipe, queue, job_id, request, model, num_images, total_steps, seeds)
+                        pipe.execute()
+                        return job_id
+                    except redis.WatchError:
+                        continue
 
-            self.rq_queue().enqueue(
-                RUN_JOB_FUNCTION, job_id, job_id=job_id, job_timeout=self.job_timeout,
-                result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"generate {model}",
-                retry=Retry(max=self.max_retries) if self.max_retries > 0 else None,
-            )
-            return job_id
+    def _queue_job(self, pipe: Any, queue: Any, job_id: str, request: dict[str, Any], model: str,
+                   num_images: int, total_steps: int, seeds: Sequence[int]) -> None:
+        from rq import Retry
+
+        pipe.hset(_k(job_id), mapping={
+            "status": JobState.QUEUED.value, "model": model, "request": json.dumps(request),
+            "num_images": num_images, "total": total_steps, "step": 0, "t": -1, "num_frames": 0,
+            "seeds": json.dumps(list(seeds)), "created_at": time.time(), "attempt": 0,
+        })
+        pipe.expire(_k(job_id), self.ttl)
+        self._add_event(pipe, job_id, "queued", {"status": "queued"})
+        queue.enqueue_call(RUN_JOB_FUNCTION, args=(job_id,), job_id=job_id, timeout=self.job_timeout,
+                           result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"generate {model}",
+                           retry=Retry(max=self.max_retries) if self.max_retries > 0 else None, pipeline=pipe)
+
+    def memory_used(self) -> float | None:
+        """``used_memory / maxmemory`` of the store (None when it has no maxmemory), sampled at most once a
+        second: every submit asks, one INFO per second answers."""
+        with self._guard():
+            return self._memory.fraction(self.redis)
+
+    def _check_room(self) -> None:
+        if self.high_water is None:
+            return
+        used = self._memory.fraction(self.redis)
+        if used is not None and used >= self.high_water:
+            raise StoreFull(f"the job store is {used:.0%} full (new jobs are refused from {self.high_water:.0%}, "
+                            "so running jobs can finish); finished jobs expire and make room")
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job record, parsed; None if unknown or expired."""
-        with _translate_errors():
+        with self._guard():
             raw = self.redis.hgetall(_k(job_id))
         if not raw:
             return None
@@ -201,22 +347,22 @@ class JobStore:
 
     def frames(self, job_id: str, since: int = -1) -> list[dict[str, Any]]:
         """Frame descriptors with ``index > since``, in order."""
-        with _translate_errors():
+        with self._guard():
             raw = self.redis.lrange(_k(job_id, "frames"), max(since + 1, 0), -1)
         return [json.loads(r) for r in raw]
 
     def frame_png(self, job_id: str, index: int) -> bytes | None:
-        with _translate_errors():
+        with self._guard():
             return self.redis.get(_k(job_id, "frame", index))  # type: ignore[return-value]
 
     def image_png(self, job_id: str, index: int) -> bytes | None:
-        with _translate_errors():
+        with self._guard():
             return self.redis.get(_k(job_id, "image", index))  # type: ignore[return-value]
 
     def events(self, job_id: str, last_id: str = "0", block_ms: int | None = None, count: int = 100
                ) -> list[Event]:
         """Events after ``last_id`` (``"0"`` = from the start); waits up to ``block_ms`` when there are none."""
-        with _translate_errors():
+        with self._guard():
             res = self.redis.xread({_k(job_id, "events"): last_id}, count=count, block=block_ms)
         out: list[Event] = []
         for _stream, entries in res or []:
@@ -228,7 +374,7 @@ class JobStore:
     def cancel(self, job_id: str) -> JobState | None:
         """Ask for cancellation. A queued job is canceled at once (it never starts); a running one stops at its
         worker's next step check. Returns the state after the call (None if the job is unknown)."""
-        with _translate_errors():
+        with self._guard():
             status = _s(self.redis.hget(_k(job_id), "status"))
             if status is None:
                 return None
@@ -246,7 +392,7 @@ class JobStore:
 
     def live_workers(self, max_age_seconds: float = 15.0) -> list[dict[str, Any]]:
         """Workers whose heartbeat is younger than ``max_age_seconds``, with their info."""
-        with _translate_errors():
+        with self._guard():
             names = self.redis.zrangebyscore("ddpm:workers", time.time() - max_age_seconds, "+inf")
             infos = [self.redis.get(f"ddpm:worker:{_s(n)}") for n in names]
         return [json.loads(i) for i in infos if i]
@@ -254,7 +400,7 @@ class JobStore:
     # ---- worker side ---------------------------------------------------------------------------------------
     def start(self, job_id: str, worker: str) -> dict[str, Any] | None:
         """Mark a queued (or retried) job running. Returns its record, or None if it was canceled/finished."""
-        with _translate_errors():
+        with self._guard():
             if self.redis.exists(_k(job_id, "cancel")):
                 self._transition(job_id, JobState.QUEUED, JobState.CANCELED, {"ended_at": time.time()},
                                  "canceled", {"status": "canceled"})
@@ -272,7 +418,7 @@ class JobStore:
         return self.get(job_id)
 
     def progress(self, job_id: str, step: int, total: int, t: int) -> None:
-        with _translate_errors():
+        with self._guard():
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(_k(job_id), mapping={"step": step, "total": total, "t": t})
             self._add_event(pipe, job_id, "progress", {"step": step, "total": total, "t": t})
@@ -280,7 +426,7 @@ class JobStore:
 
     def add_frame(self, job_id: str, step: int, t: int, png: bytes) -> int:
         """Store an x0-hat frame; returns its index."""
-        with _translate_errors():
+        with self._guard():
             index = int(self.redis.hincrby(_k(job_id), "num_frames", 1)) - 1
             meta = {"index": index, "step": step, "t": t}
             pipe = self.redis.pipeline(transaction=True)
@@ -294,13 +440,13 @@ class JobStore:
     def succeed(self, job_id: str, images: Sequence[bytes]) -> bool:
         """Store the final images and the ``succeeded`` state in one transaction (only from ``running``)."""
         extra = {"ended_at": time.time()}
-        with _translate_errors():
+        with self._guard():
             return self._transition(job_id, JobState.RUNNING, JobState.SUCCEEDED, extra, "succeeded",
                                     {"status": "succeeded", "num_images": len(images)}, images=images)
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
         err = {"code": code, "message": message}
-        with _translate_errors():
+        with self._guard():
             for src in (JobState.RUNNING, JobState.QUEUED):
                 if self._transition(job_id, src, JobState.FAILED,
                                      {"ended_at": time.time(), "error": json.dumps(err)},
@@ -309,22 +455,22 @@ class JobStore:
         return False
 
     def mark_canceled(self, job_id: str) -> bool:
-        with _translate_errors():
+        with self._guard():
             return self._transition(job_id, JobState.RUNNING, JobState.CANCELED, {"ended_at": time.time()},
                                     "canceled", {"status": "canceled"})
 
     def requeued(self, job_id: str, reason: str) -> bool:
         """A running job handed back (worker stopping or died): back to ``queued`` for a retry."""
-        with _translate_errors():
+        with self._guard():
             return self._transition(job_id, JobState.RUNNING, JobState.QUEUED, {"step": 0},
                                     "queued", {"status": "queued", "reason": reason})
 
     def cancel_requested(self, job_id: str) -> bool:
-        with _translate_errors():
+        with self._guard():
             return bool(self.redis.exists(_k(job_id, "cancel")))
 
     def heartbeat(self, worker: str, info: dict[str, Any], ttl_seconds: int = 15) -> None:
-        with _translate_errors():
+        with self._guard():
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(f"ddpm:worker:{worker}", json.dumps(info), ex=ttl_seconds)
             pipe.zadd("ddpm:workers", {worker: time.time()})
@@ -332,7 +478,7 @@ class JobStore:
             pipe.execute()
 
     def worker_gone(self, worker: str) -> None:
-        with _translate_errors():
+        with self._guard():
             self.redis.delete(f"ddpm:worker:{worker}")
             self.redis.zrem("ddpm:workers", worker)
 
@@ -341,7 +487,7 @@ class JobStore:
         returns (requests in this window so far, seconds until the window ends)."""
         window = int(time.time()) // window_seconds
         key = f"ddpm:ratelimit:{client}:{window}"
-        with _translate_errors():
+        with self._guard():
             pipe = self.redis.pipeline(transaction=True)
             pipe.incr(key)
             pipe.expire(key, window_seconds + 1)
@@ -351,7 +497,7 @@ class JobStore:
     def sync_progress(self, progress: Sequence[tuple[str, int, int, int]], active: Sequence[str]) -> set[str]:
         """The worker's once-per-step call, one round-trip: write ``(job_id, step, total, t)`` progress records
         and return which of the ``active`` job ids have a cancel request."""
-        with _translate_errors():
+        with self._guard():
             pipe = self.redis.pipeline(transaction=False)
             for job_id, step, total, t in progress:
                 pipe.hset(_k(job_id), mapping={"step": step, "total": total, "t": t})
@@ -482,27 +628,39 @@ class WorkerSession:
                 c.job.heartbeat(now(), self.lease, pipeline=pipe, xx=True)
             pipe.execute()
 
-    def _release(self, job_id: str) -> Claim | None:
+    def _claimed(self, job_id: str) -> Claim | None:
         with self._lock:
-            claim = self.claims.pop(job_id, None)
+            return self.claims.get(job_id)
+
+    def _release(self, job_id: str) -> None:
+        """Forget a claim once RQ's records of its end are written (a failed write keeps it, so the caller's
+        retry finds it again and its lease keeps being renewed meanwhile)."""
+        with self._lock:
+            self.claims.pop(job_id, None)
             idle = not self.claims
         if idle:
-            self._rq.set_state("idle")
-        return claim
+            with suppress(StoreUnavailable), _translate_errors():
+                self._rq.set_state("idle")  # only what RQ's tools show about the worker
+
+    def forget(self, job_id: str) -> None:
+        """Drop a claim without writing RQ's records: the job is no longer this worker's (its lease ran out and
+        it was requeued or failed meanwhile)."""
+        self._release(job_id)
 
     def complete(self, job_id: str, result: dict[str, Any]) -> None:
         """The job succeeded: RQ's success path (finished registry, result kept for the job TTL)."""
-        claim = self._release(job_id)
+        claim = self._claimed(job_id)
         if claim is None:
             return
         with _translate_errors():
             self._rq._finalize_success(claim.job, claim.queue, claim.execution, result)
+        self._release(job_id)
 
     def fail(self, job_id: str, message: str, *, retry: bool = False) -> None:
         """The job failed: RQ's failure path (failed registry). ``retry``: use one of its retries, if any."""
         from rq.job import JobStatus
 
-        claim = self._release(job_id)
+        claim = self._claimed(job_id)
         if claim is None:
             return
         job = claim.job
@@ -512,12 +670,13 @@ class WorkerSession:
             job._status = JobStatus.FAILED
             self._rq.handle_execution_ended(job, claim.queue, job.failure_callback_timeout)
             self._rq.handle_job_failure(job, claim.queue, exc_string=message, execution=claim.execution)
+        self._release(job_id)
 
     def cancel(self, job_id: str) -> None:
         """The job was canceled: its execution ends and RQ's job moves to the canceled registry."""
         from rq.exceptions import InvalidJobOperation
 
-        claim = self._release(job_id)
+        claim = self._claimed(job_id)
         if claim is None:
             return
         with _translate_errors():
@@ -526,18 +685,23 @@ class WorkerSession:
                 pipe.execute()
             with suppress(InvalidJobOperation):
                 claim.job.cancel()
+        self._release(job_id)
 
     def hand_back(self, job_id: str) -> None:
-        """Put a claimed job back at the front of the queue (worker stopping), without using a retry."""
-        claim = self._release(job_id)
+        """Put a claimed job back at the front of the queue (worker stopping), without using a retry: the
+        enqueue and the end of its execution in one transaction, so a retry after an error never queues it
+        twice."""
+        claim = self._claimed(job_id)
         if claim is None:
             return
         with _translate_errors():
             claim.job.started_at = None
-            claim.queue.enqueue_job(claim.job, at_front=True)  # first: a crash now leaves it queued, not lost
+            claim.queue.get_redis_server_version()  # read outside the transaction
             with self._rq.connection.pipeline() as pipe:
+                claim.queue.enqueue_job(claim.job, pipeline=pipe, at_front=True)
                 self._rq.cleanup_execution(claim.job, pipe, claim.execution)
                 pipe.execute()
+        self._release(job_id)
 
     def maintain(self) -> None:
         """RQ's periodic housekeeping, at most every 10 minutes and by one worker at a time (RQ's lock): expired

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         description="NAME=FILE[,NAME=FILE...]; the first is the default model",
     )
     queue_name: str = "ddpm"
+    store_timeout_seconds: float = Field(1.0, gt=0, le=30, description="the API's Redis connect and command "
+                                         "timeout; after one times out, calls fail fast (503) for as long")
+    store_high_water: float = Field(0.8, gt=0, le=1, description="the API refuses new jobs (503 store_full) "
+                                    "once Redis's used_memory reaches this fraction of its maxmemory, so running "
+                                    "jobs can still write; 1 = only when Redis itself is full")
 
     # API process
     host: str = "127.0.0.1"
