@@ -63,7 +63,7 @@ from service.schemas import (
     ReadyView,
     resolve_request,
 )
-from service.settings import Settings, get_settings
+from service.settings import Settings, describe_validation_error, get_settings
 from service.web import (
     ApiError,
     BodyLimitMiddleware,
@@ -503,7 +503,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"ddpm serve: invalid settings: {exc}", file=sys.stderr)
+        print(f"ddpm serve: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level)
     app = create_app(settings)

@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,13 +38,14 @@ from typing import Any, TypeVar
 
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from model.inference import InferenceOptions, default_options
 from service import metrics
 from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel, TickStats
 from service.previews import Lanes, encode_frame, encode_images
 from service.queue import JobState, JobStore, StoreUnavailable, WorkerSession, connect
-from service.settings import Settings, get_settings, parse_checkpoints
+from service.settings import Settings, describe_validation_error, get_settings, parse_checkpoints
 
 __all__ = ["StoreSink", "Worker", "configure_parser", "main", "run_job"]
 
@@ -510,13 +512,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"ddpm worker: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
     invariant = {"auto": None, "on": True, "off": False}[args.batch_invariant]
     worker = Worker(settings, name=args.name, batch_invariant=invariant, stop_grace=args.stop_grace,
                     lease_seconds=args.lease_seconds)
     server = None
     if settings.worker_metrics_port:
-        server = serve_metrics(worker, args.metrics_host, settings.worker_metrics_port)
+        try:
+            server = serve_metrics(worker, args.metrics_host, settings.worker_metrics_port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d for /metrics and /healthz (%s); pass --metrics-port (0: off)",
+                      args.metrics_host, settings.worker_metrics_port, exc.strerror or exc)
+            return 2
     try:
         worker.load()
     except Exception as exc:

@@ -30,17 +30,14 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import torch
 
-from model.checkpoint import save_checkpoint
-from model.config import DiffusionConfig
-from model.unet import UNet
 from service.queue import JobStore, connect
 from service.redis_server import RedisServer, free_port
 from service.settings import Settings
 from tests.chaos.conftest import Chaos
+from tests.chaos.processes import write_long_checkpoint
 from tests.chaos.store_proxy import StoreProxy
-from tests.service.conftest import TINY_UNET, ApiServer, WorkerProcess
+from tests.service.conftest import ApiServer, WorkerProcess
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -59,15 +56,7 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def long_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tests' tiny U-Net with T=1000, so a job can run long enough to be caught mid-way."""
-    gen = torch.Generator().manual_seed(7)
-    unet = UNet(TINY_UNET)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    path = tmp_path_factory.mktemp("ckpt") / "long.safetensors"
-    save_checkpoint(path, unet, TINY_UNET, DiffusionConfig(num_timesteps=1000), dataset="random", step=0, ema=True)
-    return path
+    return write_long_checkpoint(tmp_path_factory.mktemp("ckpt") / "long.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +124,7 @@ def _parked_job(rig: Rig) -> str:
 
 # ---- a full store --------------------------------------------------------------------------------------------
 def test_a_full_store_is_503_store_full_and_the_worker_rides_it_out(rig: Rig, chaos: Chaos) -> None:
-    job_id = _submit(rig.api, num_images=16, steps=991, preview_every=10, seed=3)  # 100 frames
+    job_id = _submit(rig.api, num_images=16, steps=298, preview_every=3, seed=3)  # 100 frames
     _wait(rig.api, job_id, lambda j: j["status"] in TERMINAL or len(j["frames"]) >= 2)
     parked = _parked_job(rig)
     rig.admin.config_set("maxmemory", 1)  # noeviction: every write is refused with OOM
@@ -258,7 +247,7 @@ def test_new_jobs_are_refused_before_redis_refuses_writes(rig: Rig, chaos: Chaos
     api = ApiServer(Settings(redis_url=rig.proxy.url, checkpoints={"tiny": str(rig.checkpoint)},
                              store_high_water=0.5)).start()
     try:
-        running = _submit(api, num_images=4, steps=381, preview_every=20, seed=5)  # 20 frames
+        running = _submit(api, num_images=4, steps=201, preview_every=10, seed=5)  # 21 frames
         _wait(api, running, lambda j: j["status"] != "queued")
         used = int(rig.admin.info("memory")["used_memory"])
         rig.admin.config_set("maxmemory", int(used / 0.6))  # 60 % used: above the API's mark, below Redis's
@@ -269,12 +258,12 @@ def test_new_jobs_are_refused_before_redis_refuses_writes(rig: Rig, chaos: Chaos
                 time.sleep(0.2)
             rig.admin.set("chaos:probe", b"x" * 1000)  # Redis itself still takes writes
             job = _wait(api, running, lambda j: j["status"] in TERMINAL)
-            ok = _is_store_error(r, "store_full") and job["status"] == "succeeded" and len(job["frames"]) == 20
+            ok = _is_store_error(r, "store_full") and job["status"] == "succeeded" and len(job["frames"]) == 21
             chaos.record("store 60 % full, API high-water mark 50 %", "new jobs 503 store_full; running job "
                          "finishes", f"POST {_answer(r)}; running job {job['status']}, {len(job['frames'])} "
                          "frames", ok)
             assert _is_store_error(r, "store_full"), _answer(r)
-            assert job["status"] == "succeeded" and len(job["frames"]) == 20, job
+            assert job["status"] == "succeeded" and len(job["frames"]) == 21, job
         finally:
             rig.admin.config_set("maxmemory", 0)
             rig.admin.delete("chaos:probe")
@@ -396,10 +385,12 @@ def _frozen_round(server: RedisServer, url: str, http: httpx.Client, clients: in
     finally:
         server.proc.send_signal(signal.SIGCONT)
     frozen = [t for r, t in answers if _is_store_error(r, "store_unavailable")]
-    bound = max(refused) + 1.5  # the 1 s store timeout, plus half of it for a busy machine
+    # The 1 s store timeout and what the HTTP stack costs here, with room for a busy machine; without the breaker
+    # the requests behind the API's 40 threads wait a second timeout each: 2 s at 50 clients, 3 s at 100.
+    bound = max(2.5, max(refused) + 1.5)
     ok = len(frozen) == clients and max(frozen) < bound
     chaos.record(f"Redis frozen (SIGSTOP), {clients} concurrent requests", "all 503 store_unavailable within "
-                 "~1 s (refused baseline + 1.5 s)",
+                 "~1 s (< 2.5 s, or refused baseline + 1.5 s)",
                  f"{len(frozen)} x 503, p50 {statistics.median(frozen):.2f} s, max {max(frozen):.2f} s "
                  f"(refused: p50 {statistics.median(refused):.2f} s, max {max(refused):.2f} s)", ok)
     assert len(refused) == clients and len(frozen) == clients, [_answer(r) for r, _ in answers][:5]
@@ -408,3 +399,52 @@ def _frozen_round(server: RedisServer, url: str, http: httpx.Client, clients: in
     while http.post(f"{url}/generate", json={"steps": 4}).status_code != 202:
         assert time.monotonic() < deadline, "the API did not recover after Redis thawed"
         time.sleep(0.1)
+
+
+# ---- what one job costs the store ----------------------------------------------------------------------------
+PER_JOB_BUDGET_BYTES = 2_000_000  # the sizing of maxmemory in docker-compose.yml and k8s/redis.yaml assumes this
+
+
+def test_a_largest_job_fits_the_stores_sizing(rig: Rig, chaos: Chaos, tmp_path: Path) -> None:
+    """The Redis memory of the largest job a model allows (16 images, 100 x0-hat frames of all 16, the event
+    stream, RQ's records), summed over the job's keys with MEMORY USAGE, against the per-job budget the
+    deployments' maxmemory is computed from. The full run measures the demo model (32x32 digits: the figure in
+    the deployment files); ``make test`` the tests' 8x8 model on the shared worker."""
+    from service.settings import DEMO_CHECKPOINT
+
+    client = redis.Redis.from_url(rig.redis.url)
+    stack: list[Any] = []
+    api, model = rig.api, "the tests' 8x8 model"
+    try:
+        if chaos.scale == "full":
+            server = RedisServer().start()
+            api = ApiServer(Settings(redis_url=server.url, checkpoints={"digits": str(DEMO_CHECKPOINT)})).start()
+            args = ["env", "OMP_NUM_THREADS=1", sys.executable, "-m", "service.cli", "worker", "--redis-url",
+                    server.url, "--checkpoint", f"digits={DEMO_CHECKPOINT}", "--device", "cpu", "--metrics-port",
+                    "0", "--name", "size"]
+            worker = WorkerProcess(args, 0, "size", tmp_path / "size.log")
+            stack = [worker, api, server]
+            client, model = redis.Redis.from_url(server.url), "the demo model (32x32 digits)"
+            worker.wait_ready(server.url)
+        job_id = _submit(api, num_images=16, steps=100, preview_every=1, seed=11)  # frames at steps 1..100
+        job = _wait(api, job_id, lambda j: j["status"] in TERMINAL, timeout=300)
+        assert job["status"] == "succeeded" and len(job["frames"]) == 100, job
+        keys = [k for k in client.scan_iter(count=1000) if job_id.encode() in k]
+        usage = {k.decode(): int(client.memory_usage(k, samples=0) or 0) for k in keys}
+        total = sum(usage.values())
+        frames = sum(v for k, v in usage.items() if ":frame:" in k)
+        images = sum(v for k, v in usage.items() if ":image:" in k)
+        events = usage.get(f"ddpm:job:{job_id}:events", 0)
+        ok = total <= PER_JOB_BUDGET_BYTES
+        chaos.record(f"store memory of a 16-image, 100-frame job of {model}",
+                     f"<= {PER_JOB_BUDGET_BYTES / 1e6:.1f} MB (the maxmemory sizing)",
+                     f"{total / 1e6:.2f} MB in {len(keys)} keys (frames {frames / 1e6:.2f}, images "
+                     f"{images / 1e6:.3f}, events {events / 1e6:.3f})", ok)
+        assert ok, usage
+    finally:
+        client.close()
+        for part in stack:  # the worker, then the API, then Redis
+            if isinstance(part, RedisServer):
+                part.cleanup()
+            else:
+                part.stop()

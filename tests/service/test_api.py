@@ -263,7 +263,7 @@ def test_readyz_needs_a_live_worker_with_the_default_model(api_server: ApiServer
 
 
 def test_api_keys(make_api: Callable[..., ApiServer]) -> None:
-    api = make_api(api_keys=["s3cret", "other-key"])
+    api = make_api(api_keys=["s3cret-0123456789", "other-key-012345"])
     assert httpx.get(f"{api.url}/healthz").status_code == 200
     assert httpx.get(f"{api.url}/readyz").status_code == 503  # no worker, but no key needed either
     assert httpx.get(f"{api.url}/").status_code == 200
@@ -272,10 +272,10 @@ def test_api_keys(make_api: Callable[..., ApiServer]) -> None:
     assert r.headers["www-authenticate"] == "Bearer"
     _error(httpx.post(f"{api.url}/generate", json={"steps": 1}, headers={"x-api-key": "wrong"}), 403, "forbidden")
     _error(httpx.get(f"{api.url}/metrics"), 401, "unauthorized")
-    _error(httpx.get(f"{api.url}/models", headers={"authorization": "Bearer s3cre"}), 403, "forbidden")
-    r = httpx.post(f"{api.url}/generate", json={"steps": 1}, headers={"authorization": "Bearer s3cret"})
+    _error(httpx.get(f"{api.url}/models", headers={"authorization": "Bearer s3cret-012345678"}), 403, "forbidden")
+    r = httpx.post(f"{api.url}/generate", json={"steps": 1}, headers={"authorization": "Bearer s3cret-0123456789"})
     assert r.status_code == 202
-    assert httpx.get(f"{api.url}{r.headers['location']}", headers={"x-api-key": "other-key"}).status_code == 200
+    assert httpx.get(f"{api.url}{r.headers['location']}", headers={"x-api-key": "other-key-012345"}).status_code == 200
 
 
 def test_without_keys_everything_is_open(api_server: ApiServer) -> None:
