@@ -12,9 +12,15 @@ Everything slow or blocking that is not the forward (PNG encoding, frame and res
 finished jobs) runs on ``previews.Lanes``, in order per job. The worker process never forks (CUDA cannot be
 re-initialised in a forked child): it drives RQ through ``queue.WorkerSession``.
 
+Store errors (``StoreUnavailable``: Redis unreachable, timed out, full, read-only, loading) never stop the
+worker: the loop backs off and resumes, keeping its models and its running jobs; each write on a lane is retried
+by ``StoreWriter`` until Redis takes it, so no frame or result is dropped; a claimed job whose start could not be
+written is started on a later turn. Waiting for Redis at start-up, too.
+
 Stopping (SIGTERM/SIGINT): no new jobs; active jobs keep stepping for up to ``--stop-grace`` seconds, then the
 rest are handed back to the front of the queue (status ``queued`` again); a second signal hands back at once.
-Every job's writes are drained before exit, so none is half-written; the exit status is 0.
+Every job's writes are drained before exit (given up ``STOP_STORE_GRACE_SECONDS`` after the loop ends if Redis
+stays away: the job's lease then hands it to another worker), so none is half-written; the exit status is 0.
 
 This module adapts the engine to Redis; it knows no HTTP routes beyond its own /metrics and /healthz.
 """
