@@ -314,13 +314,9 @@ class JobStore:
                            result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"generate {model}",
                            retry=Retry(max=self.max_retries) if self.max_retries > 0 else None, pipeline=pipe)
 
-    def memory_used(self) -> float | None:
-        """``used_memory / maxmemory`` of the store (None when it has no maxmemory), sampled at most once a
-        second: every submit asks, one INFO per second answers."""
-        with self._guard():
-            return self._memory.fraction(self.redis)
-
     def _check_room(self) -> None:
+        """``StoreFull`` once ``used_memory / maxmemory`` reaches ``high_water`` (sampled at most once a second:
+        every submit asks, one INFO a second answers; no maxmemory, no limit)."""
         if self.high_water is None:
             return
         used = self._memory.fraction(self.redis)
