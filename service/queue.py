@@ -29,16 +29,10 @@ never leaves a job that says ``succeeded`` without its images. Admission is one 
 queue-length check and the enqueue (RQ's ``enqueue_call(pipeline=...)``) commit together or not at all, so
 concurrent submitters never push the queue past its bound.
 
-Every Redis error, from our calls or from inside RQ's, surfaces as one exception family::
-
-    StoreUnavailable          code "store_unavailable": unreachable, timed out, connection reset, read-only
-     |                        replica, loading its data set, refusing writes, any other ``redis.RedisError``
-     +-- StoreFull            code "store_full": Redis is out of memory (OOM), or the store is past the API's
-                              high-water mark (``JobStore.high_water``) and new jobs are refused so that running
-                              ones can still write
-
-A ``CircuitBreaker`` (the API's store has one) makes calls fail fast for a moment after one timed out, so
-requests queued behind a hung Redis do not each wait out their own timeout.
+Every Redis error, from our calls or from inside RQ's, surfaces as ``StoreUnavailable`` (``StoreFull`` when Redis
+is out of memory or past the API's high-water mark): ``service.store_errors``, re-exported here. The API's store
+has a ``CircuitBreaker``: calls fail fast for a moment after one timed out, so requests queued behind a hung Redis
+do not each wait out their own timeout.
 """
 
 from __future__ import annotations
@@ -55,6 +49,15 @@ from typing import Any
 
 import redis
 from redis import Redis
+
+from service.store_errors import (
+    CircuitBreaker,
+    MemorySample,
+    StoreFull,
+    StoreUnavailable,
+    store_error,
+    translate_errors,
+)
 
 __all__ = [
     "TERMINAL_STATES",
@@ -87,25 +90,6 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 
 
-class StoreUnavailable(Exception):
-    """The store (Redis) cannot do this now. ``code`` and ``retry_after`` (seconds) are what clients are told;
-    ``timed_out``: the store did not answer in time (it may be hung, not just down)."""
-
-    code = "store_unavailable"
-    retry_after = 2
-
-    def __init__(self, message: str, *, timed_out: bool = False):
-        super().__init__(message)
-        self.timed_out = timed_out
-
-
-class StoreFull(StoreUnavailable):
-    """Redis is out of memory, or past the API's high-water mark: no new jobs until finished ones expire."""
-
-    code = "store_full"
-    retry_after = 30
-
-
 class QueueFull(Exception):
     """Too many jobs waiting; ``retry_after`` is a suggested wait in seconds."""
 
@@ -129,77 +113,7 @@ def connect(url: str, *, timeout: float = 1.0) -> Redis:
                                 health_check_interval=10, retry_on_timeout=False)
 
 
-def store_error(exc: redis.RedisError) -> StoreUnavailable:
-    """The one exception a Redis error becomes (see the module docstring). The message is cut short: redis-py
-    puts a failed pipeline command, arguments and all (PNG bytes...), into it."""
-    message = f"{type(exc).__name__}: {exc}"
-    message = message if len(message) <= 300 else message[:300] + "..."
-    if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
-        return StoreFull(message)
-    return StoreUnavailable(message, timed_out=isinstance(exc, redis.TimeoutError))
-
-
-@contextmanager
-def _translate_errors() -> Iterator[None]:
-    try:
-        yield
-    except redis.RedisError as exc:
-        raise store_error(exc) from exc
-
-
-class CircuitBreaker:
-    """Fail fast while the store hangs. After a call times out, every call for the next ``open_seconds`` fails
-    at once with ``StoreUnavailable``; then one call at a time is let through to try the store again, and the
-    first answer of any kind (even an error reply: the store is answering) closes the breaker. Refused
-    connections fail fast on their own and do not open it. Thread-safe."""
-
-    def __init__(self, open_seconds: float, clock: Any = time.monotonic):
-        self.open_seconds, self._clock = open_seconds, clock
-        self._lock = threading.Lock()
-        self._open_until: float | None = None  # None: closed
-        self._trying = False
-
-    def before(self) -> None:
-        with self._lock:
-            if self._open_until is None:
-                return
-            if self._trying or self._clock() < self._open_until:
-                raise StoreUnavailable("the store did not answer within its timeout a moment ago; not trying "
-                                       "again yet", timed_out=True)
-            self._trying = True  # this call tries the store; the others keep failing fast
-
-    def after(self, error: StoreUnavailable | None) -> None:
-        with self._lock:
-            self._trying = False
-            if error is not None and error.timed_out:
-                self._open_until = self._clock() + self.open_seconds
-            else:
-                self._open_until = None
-
-
 _guarded = threading.local()  # .active: this thread is inside a JobStore call that holds the breaker
-
-
-class _MemorySample:
-    """``used_memory / maxmemory`` from INFO, refreshed at most every ``every`` seconds (thread-safe: one
-    thread refreshes, the others use the last sample meanwhile)."""
-
-    def __init__(self, every: float = 1.0):
-        self.every = every
-        self._lock = threading.Lock()
-        self._at = -float("inf")
-        self._fraction: float | None = None
-
-    def fraction(self, client: Any) -> float | None:
-        if time.monotonic() - self._at >= self.every and self._lock.acquire(blocking=False):
-            try:
-                info = client.info("memory")
-                limit = int(info.get("maxmemory") or 0)
-                self._fraction = int(info["used_memory"]) / limit if limit else None
-                self._at = time.monotonic()
-            finally:
-                self._lock.release()
-        return self._fraction
 
 
 def _k(job_id: str, *parts: str | int) -> str:
@@ -232,21 +146,21 @@ class JobStore:
         self.max_retries = max_retries  # runs after the first when a worker dies mid-job (RQ's Retry)
         self.high_water = high_water  # refuse new jobs once used_memory / maxmemory reaches this (None: never)
         self.breaker = breaker
-        self._memory = _MemorySample()
+        self._memory = MemorySample()
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
         """Translate Redis errors (``StoreUnavailable``) and keep the circuit breaker informed (by the
         outermost guard of a thread: methods may call each other)."""
         if self.breaker is None or getattr(_guarded, "active", False):
-            with _translate_errors():
+            with translate_errors():
                 yield
             return
         self.breaker.before()
         _guarded.active = True
         error: StoreUnavailable | None = None
         try:
-            with _translate_errors():
+            with translate_errors():
                 yield
         except StoreUnavailable as exc:
             error = exc
@@ -578,7 +492,7 @@ class WorkerSession:
         self.claims: dict[str, Claim] = {}
 
     def register(self) -> None:
-        with _translate_errors():
+        with translate_errors():
             try:
                 self._rq.register_birth()
             except ValueError:  # our name is still registered: a previous run of this container that died
@@ -587,7 +501,7 @@ class WorkerSession:
             self._rq.set_state("idle")
 
     def unregister(self) -> None:
-        with _translate_errors():
+        with translate_errors():
             self._rq.register_death()
 
     def claim(self, block_seconds: int | None) -> Claim | None:
@@ -595,7 +509,7 @@ class WorkerSession:
         from rq.exceptions import DequeueTimeout
 
         rq = self._rq
-        with _translate_errors():
+        with translate_errors():
             try:
                 found = rq.queue_class.dequeue_any(rq.queues, block_seconds, connection=rq.connection,
                                                    job_class=rq.job_class, serializer=rq.serializer)
@@ -617,7 +531,7 @@ class WorkerSession:
 
         with self._lock:
             claims = list(self.claims.values())
-        with _translate_errors(), self._rq.connection.pipeline() as pipe:
+        with translate_errors(), self._rq.connection.pipeline() as pipe:
             self._rq.heartbeat(self.lease + 60, pipeline=pipe)
             for c in claims:
                 c.execution.heartbeat(c.job.started_job_registry, self.lease, pipeline=pipe)
@@ -635,7 +549,7 @@ class WorkerSession:
             self.claims.pop(job_id, None)
             idle = not self.claims
         if idle:
-            with suppress(StoreUnavailable), _translate_errors():
+            with suppress(StoreUnavailable), translate_errors():
                 self._rq.set_state("idle")  # only what RQ's tools show about the worker
 
     def forget(self, job_id: str) -> None:
@@ -648,7 +562,7 @@ class WorkerSession:
         claim = self._claimed(job_id)
         if claim is None:
             return
-        with _translate_errors():
+        with translate_errors():
             self._rq._finalize_success(claim.job, claim.queue, claim.execution, result)
         self._release(job_id)
 
@@ -662,7 +576,7 @@ class WorkerSession:
         job = claim.job
         if not retry:
             job.retries_left = 0  # a request the model can't serve fails the same way every time
-        with _translate_errors():
+        with translate_errors():
             job._status = JobStatus.FAILED
             self._rq.handle_execution_ended(job, claim.queue, job.failure_callback_timeout)
             self._rq.handle_job_failure(job, claim.queue, exc_string=message, execution=claim.execution)
@@ -675,7 +589,7 @@ class WorkerSession:
         claim = self._claimed(job_id)
         if claim is None:
             return
-        with _translate_errors():
+        with translate_errors():
             with self._rq.connection.pipeline() as pipe:
                 self._rq.cleanup_execution(claim.job, pipe, claim.execution)
                 pipe.execute()
@@ -690,7 +604,7 @@ class WorkerSession:
         claim = self._claimed(job_id)
         if claim is None:
             return
-        with _translate_errors():
+        with translate_errors():
             claim.job.started_at = None
             claim.queue.get_redis_server_version()  # read outside the transaction
             with self._rq.connection.pipeline() as pipe:
@@ -712,7 +626,7 @@ class WorkerSession:
         if not rq.should_run_maintenance_tasks:
             return
         queue = rq.queues[0]
-        with _translate_errors():
+        with translate_errors():
             if queue.acquire_maintenance_lock():
                 try:
                     for registry in (queue.finished_job_registry, queue.failed_job_registry,
@@ -736,7 +650,7 @@ class WorkerSession:
         retry finds the job ``queued``. Returns the job ids handled."""
         from rq.job import JobStatus
 
-        with _translate_errors():
+        with translate_errors():
             queue = self._rq.queues[0]
             registry = queue.started_job_registry
             expired = [j for j in registry.get_expired_job_ids() if j not in self.claims]
