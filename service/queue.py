@@ -473,26 +473,32 @@ class WorkerSession:
     """
 
     def __init__(self, redis_url: str, store: JobStore, name: str, *, lease_seconds: int = 15):
+        self.store = store
+        self.lease = int(lease_seconds)
+        self.name = name
+        self._client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=10.0,
+                                            health_check_interval=10)
+        self._rq: Any = None  # RQ's worker, made by register(): making one talks to Redis (CLIENT SETNAME)
+        self._lock = threading.Lock()
+        self.claims: dict[str, Claim] = {}
+
+    def _rq_worker(self) -> Any:
         from rq.worker import SimpleWorker
 
-        lease = int(lease_seconds)
+        lease = self.lease
 
         class _LeasedWorker(SimpleWorker):
             def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
                 return lease  # RQ's default is the job timeout + 60 s: far too long to notice a dead worker
 
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=10.0,
-                                      health_check_interval=10)
-        self.store = store
-        self.lease = lease
-        self.name = name
-        self._rq: Any = _LeasedWorker([store.queue_name], name=name, connection=client, worker_ttl=max(lease, 16),
-                                 default_result_ttl=store.ttl)
-        self._lock = threading.Lock()
-        self.claims: dict[str, Claim] = {}
+        return _LeasedWorker([self.store.queue_name], name=self.name, connection=self._client,
+                             worker_ttl=max(lease, 16), default_result_ttl=self.store.ttl)
 
     def register(self) -> None:
+        """Register with RQ (birth, state ``idle``); raises ``StoreUnavailable`` until Redis answers."""
         with translate_errors():
+            if self._rq is None:
+                self._rq = self._rq_worker()
             try:
                 self._rq.register_birth()
             except ValueError:  # our name is still registered: a previous run of this container that died

@@ -160,6 +160,30 @@ def test_a_full_store_is_503_store_full_and_the_worker_rides_it_out(rig: Rig, ch
     assert _wait(rig.api, after, lambda j: j["status"] in TERMINAL)["status"] == "succeeded"
 
 
+def test_a_worker_started_before_its_store_waits_for_it(chaos: Chaos, long_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
+    """A worker whose Redis is not up yet (a node reboot, compose starting everything at once) waits for it
+    instead of exiting, and serves once it comes."""
+    server = RedisServer()  # its port chosen, nothing listening yet
+    args = ["env", "OMP_NUM_THREADS=1", sys.executable, "-m", "service.cli", "worker", "--redis-url", server.url,
+            "--checkpoint", f"tiny={long_checkpoint}", "--device", "cpu", "--metrics-port", "0", "--name", "early"]
+    worker = WorkerProcess(args, 0, "early", tmp_path / "early.log")
+    try:
+        deadline = time.monotonic() + 60  # until it has loaded its model and met the missing store
+        while "store unavailable at start-up" not in worker.log() and worker.proc.poll() is None:
+            assert time.monotonic() < deadline, worker.log()
+            time.sleep(0.2)
+        waiting = worker.proc.poll() is None
+        server.start()
+        worker.wait_ready(server.url)
+        chaos.record("worker started while its Redis is down", "waits, then serves once Redis is up",
+                     "waited, then registered" if waiting else f"exited {worker.proc.returncode}", waiting)
+        assert waiting
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+        server.cleanup()
+
+
 # ---- every other store error -------------------------------------------------------------------------------
 def _wait_link_up(client: Any) -> None:
     deadline = time.monotonic() + 20
