@@ -7,6 +7,15 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make run` variables, given on the command line (`make run PORT=8001`); the environment's PORT etc. are not
+# read (a shell may export PORT for something else): use DDPM_PORT and the other DDPM_* variables there.
+#   PORT, HOST: the API's address   WORKER_METRICS_PORT: the worker's /metrics (default: first free from 9100)
+#   DEVICE: auto|cpu|cuda   CHECKPOINT: NAME=FILE to serve   REDIS_URL: an existing Redis instead of a private one
+#   REDIS_DATA_DIR: the private Redis's files (default: one directory per checkout and port)   STOP_GRACE: seconds
+arg = $(if $(filter command line,$(origin $(1))),$(2) '$($(1))')
+UP_FLAGS = $(call arg,PORT,--port) $(call arg,HOST,--host) $(call arg,WORKER_METRICS_PORT,--worker-metrics-port) \
+	$(call arg,DEVICE,--device) $(call arg,CHECKPOINT,--checkpoint) $(call arg,REDIS_URL,--redis-url) \
+	$(call arg,REDIS_DATA_DIR,--data-dir) $(call arg,STOP_GRACE,--stop-grace)
 
 .PHONY: install run test lint typecheck pytest fuzz chaos clean
 
@@ -19,7 +28,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/ddpm up
+	$(BIN)/ddpm up $(strip $(UP_FLAGS))
 
 lint: $(STAMP)
 	$(BIN)/ruff check model service tests benchmarks docker

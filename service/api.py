@@ -50,7 +50,15 @@ from service.http_server import server_config
 from service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.idempotency import REPLAYED_HEADER, Idempotency
 from service.openapi import EVENT_STREAM, LOCATION, PNG, PROMETHEUS_TEXT
-from service.queue import TERMINAL_STATES, JobState, JobStore, StoreUnavailable, connect, is_valid_job_id
+from service.queue import (
+    TERMINAL_STATES,
+    CircuitBreaker,
+    JobState,
+    JobStore,
+    StoreUnavailable,
+    connect,
+    is_valid_job_id,
+)
 from service.schemas import (
     GenerateAccepted,
     GenerateRequest,
@@ -62,7 +70,7 @@ from service.schemas import (
     RequestInvalid,
     resolve_request,
 )
-from service.settings import Settings, get_settings
+from service.settings import Settings, describe_validation_error, get_settings
 from service.views import job_view
 from service.web import (
     ApiError,
@@ -312,7 +320,11 @@ async def _event_stream(request: Request, job_id: str, last_id: str) -> AsyncIte
             if ev.event in TERMINAL_STATES:
                 return
         if not events:
-            job = await anyio.to_thread.run_sync(store.get, job_id, limiter=state.sse_limiter)
+            try:
+                job = await anyio.to_thread.run_sync(store.get, job_id, limiter=state.sse_limiter)
+            except StoreUnavailable:
+                yield ": job store unavailable; reconnect with Last-Event-ID\n\n"
+                return
             if job is None or job["status"] in TERMINAL_STATES:
                 return  # expired, or the terminal event was already sent before this connection
             if time.monotonic() - quiet_since >= state.sse_keepalive_s:
@@ -452,7 +464,9 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         kw = {"queue_name": settings.queue_name, "ttl_seconds": settings.job_ttl_seconds,
               "job_timeout_seconds": settings.job_timeout_seconds}
-        app.state.store = JobStore(connect(settings.redis_url, timeout=1.0), **kw)  # type: ignore[arg-type]
+        timeout = settings.store_timeout_seconds  # a hung Redis costs a request this long, then fails fast
+        app.state.store = JobStore(connect(settings.redis_url, timeout=timeout), high_water=settings.store_high_water,
+                                   breaker=CircuitBreaker(open_seconds=timeout), **kw)  # type: ignore[arg-type]
         # SSE reads block up to sse_block_ms, so they get their own client and thread limiter.
         app.state.event_store = JobStore(connect(settings.redis_url, timeout=sse_block_ms / 1000 + 2.0),
                                          **kw)  # type: ignore[arg-type]
@@ -535,7 +549,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"ddpm serve: invalid settings: {exc}", file=sys.stderr)
+        print(f"ddpm serve: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level)
     config = server_config(create_app(settings), settings)

@@ -43,7 +43,8 @@ _ERRORS: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {
     413: ("body_too_large: the request body is over DDPM_MAX_BODY_BYTES", {}, {}),
     422: ("invalid_request: the field and its allowed range or values", {}, {}),
     429: ("queue_full | rate_limited | too_many_streams", {"Retry-After": RETRY_AFTER}, {}),
-    503: ("store_unavailable (Redis unreachable; with Retry-After) | model_unavailable | not_ready", {},
+    503: ("store_unavailable (Redis unreachable, read-only or loading; Retry-After) | store_full (Redis near its "
+          "maxmemory: no new jobs; Retry-After) | model_unavailable", {},
           {"Retry-After": RETRY_AFTER}),
 }
 

@@ -31,7 +31,14 @@ side of RQ (``WorkerSession``) claims jobs with RQ's own dequeue and execution r
 RQ's success, failure and cancel handling, so RQ's registries mean what RQ means by them.
 
 Final images and the ``succeeded`` status are written in one MULTI/EXEC transaction, so a crash while writing
-never leaves a job that says ``succeeded`` without its images. Redis errors surface as ``StoreUnavailable``.
+never leaves a job that says ``succeeded`` without its images. Admission is one WATCH/MULTI transaction too: the
+queue-length check and the enqueue (RQ's ``enqueue_call(pipeline=...)``) commit together or not at all, so
+concurrent submitters never push the queue past its bound.
+
+Every Redis error, from our calls or from inside RQ's, surfaces as ``StoreUnavailable`` (``StoreFull`` when Redis
+is out of memory or past the API's high-water mark): ``service.store_errors``, re-exported here. The API's store
+has a ``CircuitBreaker``: calls fail fast for a moment after one timed out, so requests queued behind a hung Redis
+do not each wait out their own timeout.
 """
 
 from __future__ import annotations
@@ -49,17 +56,29 @@ from typing import Any
 import redis
 from redis import Redis
 
+from service.store_errors import (
+    CircuitBreaker,
+    MemorySample,
+    StoreFull,
+    StoreUnavailable,
+    store_error,
+    translate_errors,
+)
+
 __all__ = [
     "TERMINAL_STATES",
+    "CircuitBreaker",
     "Claim",
     "JobState",
     "JobStore",
     "QueueFull",
+    "StoreFull",
     "StoreUnavailable",
     "WorkerSession",
     "connect",
     "is_valid_job_id",
     "new_job_id",
+    "store_error",
 ]
 
 RUN_JOB_FUNCTION = "service.worker.run_job"
@@ -75,10 +94,6 @@ class JobState(StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
-
-
-class StoreUnavailable(Exception):
-    """Redis could not be reached (or timed out)."""
 
 
 class QueueFull(Exception):
@@ -104,12 +119,7 @@ def connect(url: str, *, timeout: float = 1.0) -> Redis:
                                 health_check_interval=10, retry_on_timeout=False)
 
 
-@contextmanager
-def _translate_errors() -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailable(str(exc)) from exc
+_guarded = threading.local()  # .active: this thread is inside a JobStore call that holds the breaker
 
 
 def _k(job_id: str, *parts: str | int) -> str:
@@ -132,13 +142,38 @@ class JobStore:
     ``start``, ``progress``, ``add_frame``, ``succeed``, ``fail``, ``mark_canceled``, ``heartbeat``."""
 
     def __init__(self, client: Redis, *, queue_name: str = "ddpm", ttl_seconds: int = 86400,
-                 job_timeout_seconds: int = 3600, stream_maxlen: int = 2000, max_retries: int = 1):
+                 job_timeout_seconds: int = 3600, stream_maxlen: int = 2000, max_retries: int = 1,
+                 high_water: float | None = None, breaker: CircuitBreaker | None = None):
         self.redis: Any = client  # redis-py's stubs type replies too loosely to help here
         self.queue_name = queue_name
         self.ttl = ttl_seconds
         self.job_timeout = job_timeout_seconds
         self.stream_maxlen = stream_maxlen
         self.max_retries = max_retries  # runs after the first when a worker dies mid-job (RQ's Retry)
+        self.high_water = high_water  # refuse new jobs once used_memory / maxmemory reaches this (None: never)
+        self.breaker = breaker
+        self._memory = MemorySample()
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Translate Redis errors (``StoreUnavailable``) and keep the circuit breaker informed (by the
+        outermost guard of a thread: methods may call each other)."""
+        if self.breaker is None or getattr(_guarded, "active", False):
+            with translate_errors():
+                yield
+            return
+        self.breaker.before()
+        _guarded.active = True
+        error: StoreUnavailable | None = None
+        try:
+            with translate_errors():
+                yield
+        except StoreUnavailable as exc:
+            error = exc
+            raise
+        finally:
+            _guarded.active = False
+            self.breaker.after(error)
 
     # ---- RQ -----------------------------------------------------------------------------------------------
     def rq_queue(self) -> Any:
@@ -147,16 +182,16 @@ class JobStore:
         return Queue(self.queue_name, connection=self.redis)
 
     def ping(self) -> None:
-        with _translate_errors():
+        with self._guard():
             self.redis.ping()
 
     def queue_length(self) -> int:
-        with _translate_errors():
+        with self._guard():
             return int(self.rq_queue().count)
 
     def queue_position(self, job_id: str) -> int | None:
         """0-based position among queued jobs, or None when not queued."""
-        with _translate_errors():
+        with self._guard():
             pos = self.rq_queue().get_job_position(job_id)
         return None if pos is None else int(pos)
 
@@ -164,38 +199,60 @@ class JobStore:
     def submit(self, request: dict[str, Any], model: str, *, num_images: int, total_steps: int,
                seeds: Sequence[int], max_queue_length: int, retry_after: int = 5, owner: str | None = None,
                job_id: str | None = None) -> str:
-        """Create the job record, its ``queued`` event and the RQ job. ``owner``: the submitting API key's digest
-        (hex), kept on the record. ``job_id``: an id the caller drew beforehand with ``new_job_id`` (an idempotent
-        request reserves it first). Raises ``QueueFull``."""
+        """Create the job record, its ``queued`` event and the RQ job, in one transaction with the check that the
+        queue has room (WATCH on RQ's queue list: a concurrent enqueue makes this one re-check). ``owner``: the
+        submitting API key's digest (hex), kept on the record. ``job_id``: an id the caller drew beforehand with
+        ``new_job_id`` (an idempotent request reserves it first). Raises ``QueueFull``, or ``StoreFull`` when the
+        store is past its high-water mark."""
         if job_id is not None and not is_valid_job_id(job_id):
             raise ValueError(f"not a job id: {job_id!r}")
-        with _translate_errors():
-            length = self.queue_length()
-            if length >= max_queue_length:
-                raise QueueFull(length, retry_after)
-            job_id = job_id or new_job_id()
-            now = time.time()
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(_k(job_id), mapping={
-                "status": JobState.QUEUED.value, "model": model, "request": json.dumps(request),
-                "num_images": num_images, "total": total_steps, "step": 0, "t": -1, "num_frames": 0,
-                "seeds": json.dumps(list(seeds)), "created_at": now, "attempt": 0, "owner": owner or "",
-            })
-            pipe.expire(_k(job_id), self.ttl)
-            self._add_event(pipe, job_id, "queued", {"status": "queued"})
-            pipe.execute()
-            from rq import Retry
+        job_id, queue = job_id or new_job_id(), self.rq_queue()
+        with self._guard():
+            self._check_room()
+            queue.get_redis_server_version()  # RQ reads it while enqueueing; a WATCHed pipeline must not
+            with self.redis.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(queue.key)
+                        length = int(pipe.llen(queue.key))
+                        if length >= max_queue_length:
+                            raise QueueFull(length, retry_after)
+                        pipe.multi()
+                        self._queue_job(pipe, queue, job_id, request, model, num_images, total_steps, seeds,
+                                        owner)
+                        pipe.execute()
+                        return job_id
+                    except redis.WatchError:
+                        continue
 
-            self.rq_queue().enqueue(
-                RUN_JOB_FUNCTION, job_id, job_id=job_id, job_timeout=self.job_timeout,
-                result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"generate {model}",
-                retry=Retry(max=self.max_retries) if self.max_retries > 0 else None,
-            )
-            return job_id
+    def _queue_job(self, pipe: Any, queue: Any, job_id: str, request: dict[str, Any], model: str,
+                   num_images: int, total_steps: int, seeds: Sequence[int], owner: str | None) -> None:
+        from rq import Retry
+
+        pipe.hset(_k(job_id), mapping={
+            "status": JobState.QUEUED.value, "model": model, "request": json.dumps(request),
+            "num_images": num_images, "total": total_steps, "step": 0, "t": -1, "num_frames": 0,
+            "seeds": json.dumps(list(seeds)), "created_at": time.time(), "attempt": 0, "owner": owner or "",
+        })
+        pipe.expire(_k(job_id), self.ttl)
+        self._add_event(pipe, job_id, "queued", {"status": "queued"})
+        queue.enqueue_call(RUN_JOB_FUNCTION, args=(job_id,), job_id=job_id, timeout=self.job_timeout,
+                           result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"generate {model}",
+                           retry=Retry(max=self.max_retries) if self.max_retries > 0 else None, pipeline=pipe)
+
+    def _check_room(self) -> None:
+        """``StoreFull`` once ``used_memory / maxmemory`` reaches ``high_water`` (sampled at most once a second:
+        every submit asks, one INFO a second answers; no maxmemory, no limit)."""
+        if self.high_water is None:
+            return
+        used = self._memory.fraction(self.redis)
+        if used is not None and used >= self.high_water:
+            raise StoreFull(f"the job store is {used:.0%} full (new jobs are refused from {self.high_water:.0%}, "
+                            "so running jobs can finish); finished jobs expire and make room")
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job record, parsed; None if unknown or expired."""
-        with _translate_errors():
+        with self._guard():
             raw = self.redis.hgetall(_k(job_id))
         if not raw:
             return None
@@ -212,22 +269,22 @@ class JobStore:
 
     def frames(self, job_id: str, since: int = -1) -> list[dict[str, Any]]:
         """Frame descriptors with ``index > since``, in order."""
-        with _translate_errors():
+        with self._guard():
             raw = self.redis.lrange(_k(job_id, "frames"), max(since + 1, 0), -1)
         return [json.loads(r) for r in raw]
 
     def frame_png(self, job_id: str, index: int) -> bytes | None:
-        with _translate_errors():
+        with self._guard():
             return self.redis.get(_k(job_id, "frame", index))  # type: ignore[return-value]
 
     def image_png(self, job_id: str, index: int) -> bytes | None:
-        with _translate_errors():
+        with self._guard():
             return self.redis.get(_k(job_id, "image", index))  # type: ignore[return-value]
 
     def events(self, job_id: str, last_id: str = "0", block_ms: int | None = None, count: int = 100
                ) -> list[Event]:
         """Events after ``last_id`` (``"0"`` = from the start); waits up to ``block_ms`` when there are none."""
-        with _translate_errors():
+        with self._guard():
             res = self.redis.xread({_k(job_id, "events"): last_id}, count=count, block=block_ms)
         out: list[Event] = []
         for _stream, entries in res or []:
@@ -239,7 +296,7 @@ class JobStore:
     def cancel(self, job_id: str) -> JobState | None:
         """Ask for cancellation. A queued job is canceled at once (it never starts); a running one stops at its
         worker's next step check. Returns the state after the call (None if the job is unknown)."""
-        with _translate_errors():
+        with self._guard():
             status = _s(self.redis.hget(_k(job_id), "status"))
             if status is None:
                 return None
@@ -257,7 +314,7 @@ class JobStore:
 
     def live_workers(self, max_age_seconds: float = 15.0) -> list[dict[str, Any]]:
         """Workers whose heartbeat is younger than ``max_age_seconds``, with their info."""
-        with _translate_errors():
+        with self._guard():
             names = self.redis.zrangebyscore("ddpm:workers", time.time() - max_age_seconds, "+inf")
             infos = [self.redis.get(f"ddpm:worker:{_s(n)}") for n in names]
         return [json.loads(i) for i in infos if i]
@@ -265,7 +322,7 @@ class JobStore:
     # ---- worker side ---------------------------------------------------------------------------------------
     def start(self, job_id: str, worker: str) -> dict[str, Any] | None:
         """Mark a queued (or retried) job running. Returns its record, or None if it was canceled/finished."""
-        with _translate_errors():
+        with self._guard():
             if self.redis.exists(_k(job_id, "cancel")):
                 self._transition(job_id, JobState.QUEUED, JobState.CANCELED, {"ended_at": time.time()},
                                  "canceled", {"status": "canceled"})
@@ -283,7 +340,7 @@ class JobStore:
         return self.get(job_id)
 
     def progress(self, job_id: str, step: int, total: int, t: int) -> None:
-        with _translate_errors():
+        with self._guard():
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(_k(job_id), mapping={"step": step, "total": total, "t": t})
             self._add_event(pipe, job_id, "progress", {"step": step, "total": total, "t": t})
@@ -291,7 +348,7 @@ class JobStore:
 
     def add_frame(self, job_id: str, step: int, t: int, png: bytes) -> int:
         """Store an x0-hat frame; returns its index."""
-        with _translate_errors():
+        with self._guard():
             index = int(self.redis.hincrby(_k(job_id), "num_frames", 1)) - 1
             meta = {"index": index, "step": step, "t": t}
             pipe = self.redis.pipeline(transaction=True)
@@ -305,13 +362,13 @@ class JobStore:
     def succeed(self, job_id: str, images: Sequence[bytes]) -> bool:
         """Store the final images and the ``succeeded`` state in one transaction (only from ``running``)."""
         extra = {"ended_at": time.time()}
-        with _translate_errors():
+        with self._guard():
             return self._transition(job_id, JobState.RUNNING, JobState.SUCCEEDED, extra, "succeeded",
                                     {"status": "succeeded", "num_images": len(images)}, images=images)
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
         err = {"code": code, "message": message}
-        with _translate_errors():
+        with self._guard():
             for src in (JobState.RUNNING, JobState.QUEUED):
                 if self._transition(job_id, src, JobState.FAILED,
                                      {"ended_at": time.time(), "error": json.dumps(err)},
@@ -320,22 +377,22 @@ class JobStore:
         return False
 
     def mark_canceled(self, job_id: str) -> bool:
-        with _translate_errors():
+        with self._guard():
             return self._transition(job_id, JobState.RUNNING, JobState.CANCELED, {"ended_at": time.time()},
                                     "canceled", {"status": "canceled"})
 
     def requeued(self, job_id: str, reason: str) -> bool:
         """A running job handed back (worker stopping or died): back to ``queued`` for a retry."""
-        with _translate_errors():
+        with self._guard():
             return self._transition(job_id, JobState.RUNNING, JobState.QUEUED, {"step": 0},
                                     "queued", {"status": "queued", "reason": reason})
 
     def cancel_requested(self, job_id: str) -> bool:
-        with _translate_errors():
+        with self._guard():
             return bool(self.redis.exists(_k(job_id, "cancel")))
 
     def heartbeat(self, worker: str, info: dict[str, Any], ttl_seconds: int = 15) -> None:
-        with _translate_errors():
+        with self._guard():
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(f"ddpm:worker:{worker}", json.dumps(info), ex=ttl_seconds)
             pipe.zadd("ddpm:workers", {worker: time.time()})
@@ -343,7 +400,7 @@ class JobStore:
             pipe.execute()
 
     def worker_gone(self, worker: str) -> None:
-        with _translate_errors():
+        with self._guard():
             self.redis.delete(f"ddpm:worker:{worker}")
             self.redis.zrem("ddpm:workers", worker)
 
@@ -352,7 +409,7 @@ class JobStore:
         returns (requests in this window so far, seconds until the window ends)."""
         window = int(time.time()) // window_seconds
         key = f"ddpm:ratelimit:{client}:{window}"
-        with _translate_errors():
+        with self._guard():
             pipe = self.redis.pipeline(transaction=True)
             pipe.incr(key)
             pipe.expire(key, window_seconds + 1)
@@ -362,7 +419,7 @@ class JobStore:
     def sync_progress(self, progress: Sequence[tuple[str, int, int, int]], active: Sequence[str]) -> set[str]:
         """The worker's once-per-step call, one round-trip: write ``(job_id, step, total, t)`` progress records
         and return which of the ``active`` job ids have a cancel request."""
-        with _translate_errors():
+        with self._guard():
             pipe = self.redis.pipeline(transaction=False)
             for job_id, step, total, t in progress:
                 pipe.hset(_k(job_id), mapping={"step": step, "total": total, "t": t})
@@ -428,26 +485,32 @@ class WorkerSession:
     """
 
     def __init__(self, redis_url: str, store: JobStore, name: str, *, lease_seconds: int = 15):
+        self.store = store
+        self.lease = int(lease_seconds)
+        self.name = name
+        self._client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=10.0,
+                                            health_check_interval=10)
+        self._rq: Any = None  # RQ's worker, made by register(): making one talks to Redis (CLIENT SETNAME)
+        self._lock = threading.Lock()
+        self.claims: dict[str, Claim] = {}
+
+    def _rq_worker(self) -> Any:
         from rq.worker import SimpleWorker
 
-        lease = int(lease_seconds)
+        lease = self.lease
 
         class _LeasedWorker(SimpleWorker):
             def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
                 return lease  # RQ's default is the job timeout + 60 s: far too long to notice a dead worker
 
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=10.0,
-                                      health_check_interval=10)
-        self.store = store
-        self.lease = lease
-        self.name = name
-        self._rq: Any = _LeasedWorker([store.queue_name], name=name, connection=client, worker_ttl=max(lease, 16),
-                                 default_result_ttl=store.ttl)
-        self._lock = threading.Lock()
-        self.claims: dict[str, Claim] = {}
+        return _LeasedWorker([self.store.queue_name], name=self.name, connection=self._client,
+                             worker_ttl=max(lease, 16), default_result_ttl=self.store.ttl)
 
     def register(self) -> None:
-        with _translate_errors():
+        """Register with RQ (birth, state ``idle``); raises ``StoreUnavailable`` until Redis answers."""
+        with translate_errors():
+            if self._rq is None:
+                self._rq = self._rq_worker()
             try:
                 self._rq.register_birth()
             except ValueError:  # our name is still registered: a previous run of this container that died
@@ -456,7 +519,7 @@ class WorkerSession:
             self._rq.set_state("idle")
 
     def unregister(self) -> None:
-        with _translate_errors():
+        with translate_errors():
             self._rq.register_death()
 
     def claim(self, block_seconds: int | None) -> Claim | None:
@@ -464,7 +527,7 @@ class WorkerSession:
         from rq.exceptions import DequeueTimeout
 
         rq = self._rq
-        with _translate_errors():
+        with translate_errors():
             try:
                 found = rq.queue_class.dequeue_any(rq.queues, block_seconds, connection=rq.connection,
                                                    job_class=rq.job_class, serializer=rq.serializer)
@@ -486,69 +549,87 @@ class WorkerSession:
 
         with self._lock:
             claims = list(self.claims.values())
-        with _translate_errors(), self._rq.connection.pipeline() as pipe:
+        with translate_errors(), self._rq.connection.pipeline() as pipe:
             self._rq.heartbeat(self.lease + 60, pipeline=pipe)
             for c in claims:
                 c.execution.heartbeat(c.job.started_job_registry, self.lease, pipeline=pipe)
                 c.job.heartbeat(now(), self.lease, pipeline=pipe, xx=True)
             pipe.execute()
 
-    def _release(self, job_id: str) -> Claim | None:
+    def _claimed(self, job_id: str) -> Claim | None:
         with self._lock:
-            claim = self.claims.pop(job_id, None)
+            return self.claims.get(job_id)
+
+    def _release(self, job_id: str) -> None:
+        """Forget a claim once RQ's records of its end are written (a failed write keeps it, so the caller's
+        retry finds it again and its lease keeps being renewed meanwhile)."""
+        with self._lock:
+            self.claims.pop(job_id, None)
             idle = not self.claims
         if idle:
-            self._rq.set_state("idle")
-        return claim
+            with suppress(StoreUnavailable), translate_errors():
+                self._rq.set_state("idle")  # only what RQ's tools show about the worker
+
+    def forget(self, job_id: str) -> None:
+        """Drop a claim without writing RQ's records: the job is no longer this worker's (its lease ran out and
+        it was requeued or failed meanwhile)."""
+        self._release(job_id)
 
     def complete(self, job_id: str, result: dict[str, Any]) -> None:
         """The job succeeded: RQ's success path (finished registry, result kept for the job TTL)."""
-        claim = self._release(job_id)
+        claim = self._claimed(job_id)
         if claim is None:
             return
-        with _translate_errors():
+        with translate_errors():
             self._rq._finalize_success(claim.job, claim.queue, claim.execution, result)
+        self._release(job_id)
 
     def fail(self, job_id: str, message: str, *, retry: bool = False) -> None:
         """The job failed: RQ's failure path (failed registry). ``retry``: use one of its retries, if any."""
         from rq.job import JobStatus
 
-        claim = self._release(job_id)
+        claim = self._claimed(job_id)
         if claim is None:
             return
         job = claim.job
         if not retry:
             job.retries_left = 0  # a request the model can't serve fails the same way every time
-        with _translate_errors():
+        with translate_errors():
             job._status = JobStatus.FAILED
             self._rq.handle_execution_ended(job, claim.queue, job.failure_callback_timeout)
             self._rq.handle_job_failure(job, claim.queue, exc_string=message, execution=claim.execution)
+        self._release(job_id)
 
     def cancel(self, job_id: str) -> None:
         """The job was canceled: its execution ends and RQ's job moves to the canceled registry."""
         from rq.exceptions import InvalidJobOperation
 
-        claim = self._release(job_id)
+        claim = self._claimed(job_id)
         if claim is None:
             return
-        with _translate_errors():
+        with translate_errors():
             with self._rq.connection.pipeline() as pipe:
                 self._rq.cleanup_execution(claim.job, pipe, claim.execution)
                 pipe.execute()
             with suppress(InvalidJobOperation):
                 claim.job.cancel()
+        self._release(job_id)
 
     def hand_back(self, job_id: str) -> None:
-        """Put a claimed job back at the front of the queue (worker stopping), without using a retry."""
-        claim = self._release(job_id)
+        """Put a claimed job back at the front of the queue (worker stopping), without using a retry: the
+        enqueue and the end of its execution in one transaction, so a retry after an error never queues it
+        twice."""
+        claim = self._claimed(job_id)
         if claim is None:
             return
-        with _translate_errors():
+        with translate_errors():
             claim.job.started_at = None
-            claim.queue.enqueue_job(claim.job, at_front=True)  # first: a crash now leaves it queued, not lost
+            claim.queue.get_redis_server_version()  # read outside the transaction
             with self._rq.connection.pipeline() as pipe:
+                claim.queue.enqueue_job(claim.job, pipeline=pipe, at_front=True)
                 self._rq.cleanup_execution(claim.job, pipe, claim.execution)
                 pipe.execute()
+        self._release(job_id)
 
     def maintain(self) -> None:
         """RQ's periodic housekeeping, at most every 10 minutes and by one worker at a time (RQ's lock): expired
@@ -563,7 +644,7 @@ class WorkerSession:
         if not rq.should_run_maintenance_tasks:
             return
         queue = rq.queues[0]
-        with _translate_errors():
+        with translate_errors():
             if queue.acquire_maintenance_lock():
                 try:
                     for registry in (queue.finished_job_registry, queue.failed_job_registry,
@@ -587,7 +668,7 @@ class WorkerSession:
         retry finds the job ``queued``. Returns the job ids handled."""
         from rq.job import JobStatus
 
-        with _translate_errors():
+        with translate_errors():
             queue = self._rq.queues[0]
             registry = queue.started_job_registry
             expired = [j for j in registry.get_expired_job_ids() if j not in self.claims]

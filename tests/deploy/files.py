@@ -227,7 +227,9 @@ def _k8s_env(container: dict[str, Any]) -> dict[str, str]:
             env |= k8s_named("ConfigMap", source["configMapRef"]["name"])["data"]
         if "secretRef" in source:
             secret = k8s_named("Secret", source["secretRef"]["name"])
-            env |= secret.get("stringData", {})
+            # what an operator deploys: the shipped placeholders replaced (the services refuse them at start-up)
+            env |= {k: "deployed-key-0123456789abcdef" if "REPLACE-ME" in v else v
+                    for k, v in secret.get("stringData", {}).items()}
     for item in container.get("env", []):
         env[item["name"]] = str(item.get("value", ""))
     return env

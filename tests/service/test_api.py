@@ -271,7 +271,7 @@ def test_readyz_is_ready_with_its_store_and_says_whether_a_worker_serves(api_ser
 
 
 def test_api_keys(make_api: Callable[..., ApiServer]) -> None:
-    api = make_api(api_keys=["s3cret", "other-key"], admin_api_keys=["admin-key"])
+    api = make_api(api_keys=["s3cret-0123456789", "other-key-012345"], admin_api_keys=["admin-key-0123456"])
     assert httpx.get(f"{api.url}/healthz").status_code == 200
     assert httpx.get(f"{api.url}/readyz").status_code == 200  # no key needed
     assert httpx.get(f"{api.url}/").status_code == 200
@@ -280,12 +280,13 @@ def test_api_keys(make_api: Callable[..., ApiServer]) -> None:
     assert r.headers["www-authenticate"] == "Bearer"
     _error(httpx.post(f"{api.url}/generate", json={"steps": 1}, headers={"x-api-key": "wrong"}), 403, "forbidden")
     _error(httpx.get(f"{api.url}/metrics"), 401, "unauthorized")
-    _error(httpx.get(f"{api.url}/models", headers={"authorization": "Bearer s3cre"}), 403, "forbidden")
-    r = httpx.post(f"{api.url}/generate", json={"steps": 1}, headers={"authorization": "Bearer s3cret"})
+    _error(httpx.get(f"{api.url}/models", headers={"authorization": "Bearer s3cret-012345678"}), 403, "forbidden")
+    r = httpx.post(f"{api.url}/generate", json={"steps": 1}, headers={"authorization": "Bearer s3cret-0123456789"})
     assert r.status_code == 202
-    assert httpx.get(f"{api.url}{r.headers['location']}", headers={"x-api-key": "s3cret"}).status_code == 200
-    assert httpx.get(f"{api.url}{r.headers['location']}", headers={"x-api-key": "admin-key"}).status_code == 200
-    _error(httpx.get(f"{api.url}{r.headers['location']}", headers={"x-api-key": "other-key"}), 404, "not_found")
+    location = r.headers["location"]
+    assert httpx.get(f"{api.url}{location}", headers={"x-api-key": "s3cret-0123456789"}).status_code == 200
+    assert httpx.get(f"{api.url}{location}", headers={"x-api-key": "admin-key-0123456"}).status_code == 200
+    _error(httpx.get(f"{api.url}{location}", headers={"x-api-key": "other-key-012345"}), 404, "not_found")
 
 
 def test_without_keys_everything_is_open(api_server: ApiServer) -> None:

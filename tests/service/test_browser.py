@@ -166,7 +166,7 @@ def test_page_generates_and_shows_frames_then_images(browser: Browser, shared_st
 @pytest.fixture
 def api_with_key(shared_stack: tuple[ApiServer, Any]) -> Iterator[ApiServer]:
     """A second API on the shared stack's Redis that needs the key ``page-key``."""
-    settings = shared_stack[0].settings.model_copy(update={"api_keys": ["page-key"]})
+    settings = shared_stack[0].settings.model_copy(update={"api_keys": ["page-key-0123456789"]})
     api = ApiServer(settings).start()
     yield api
     api.stop()
@@ -177,7 +177,7 @@ def test_page_with_an_api_key_polls_and_shows_errors(browser: Browser, api_with_
     api = api_with_key
     browser.goto(api.url + "/?num_images=1&steps=4&seed=5")
     browser.wait_for("document.getElementById('error').textContent.includes('401')")  # no key yet
-    _set(browser, "api_key", "page-key")
+    _set(browser, "api_key", "page-key-0123456789")
     browser.js("document.getElementById('api_key').dispatchEvent(new Event('change'))")
     browser.wait_for("document.querySelector('#model option[value=tiny]') !== null")
     browser.js("document.getElementById('error').textContent = ''")

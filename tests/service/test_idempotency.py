@@ -82,11 +82,13 @@ def test_a_replay_reports_the_jobs_current_status(api_server: ApiServer) -> None
 
 
 def test_keys_are_scoped_to_the_api_key(make_api: Callable[..., ApiServer]) -> None:
-    api = make_api(api_keys=["alice-key", "bob-key"])
-    alice = _post(api, {"steps": 4}, "shared", **{"X-API-Key": "alice-key"})
-    bob = _post(api, {"steps": 5}, "shared", **{"X-API-Key": "bob-key"})  # another caller: no clash, no replay
+    api = make_api(api_keys=["alice-key-0123456789", "bob-key-0123456789"])
+    alice = _post(api, {"steps": 4}, "shared", **{"X-API-Key": "alice-key-0123456789"})
+    # another caller: no clash, no replay
+    bob = _post(api, {"steps": 5}, "shared", **{"X-API-Key": "bob-key-0123456789"})
     assert alice.status_code == bob.status_code == 202 and alice.json()["id"] != bob.json()["id"]
-    assert _post(api, {"steps": 4}, "shared", **{"X-API-Key": "alice-key"}).json()["id"] == alice.json()["id"]
+    again = _post(api, {"steps": 4}, "shared", **{"X-API-Key": "alice-key-0123456789"})
+    assert again.json()["id"] == alice.json()["id"]
 
 
 def test_a_failed_creation_leaves_the_key_free_for_the_retry(make_api: Callable[..., ApiServer]) -> None:

@@ -42,7 +42,7 @@ def _responses(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_response_declarations_do_not_depend_on_settings() -> None:
-    other = _document(api_keys=["k"], max_num_images=3, max_steps=9, rate_limit_per_minute=5,
+    other = _document(api_keys=["a-key-of-16-chars-0123"], max_num_images=3, max_steps=9, rate_limit_per_minute=5,
                       checkpoints={"a": "a.safetensors", "b": "b.safetensors"})
     assert _responses(other) == _responses(_document())
     assert "HTTPValidationError" not in json.dumps(_document())  # every 422 is the API's own error shape

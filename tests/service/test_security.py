@@ -80,8 +80,9 @@ def _open_stream(client: httpx.Client, url: str, headers: dict[str, str] | None 
 
 
 def test_sse_streams_per_client_are_bounded(make_api: Callable[..., ApiServer]) -> None:
-    api = make_api(app_kwargs={"sse_block_ms": 100}, max_sse_per_client=2, api_keys=["alice-key", "bob-key"])
-    alice, bob = {"x-api-key": "alice-key"}, {"x-api-key": "bob-key"}
+    api = make_api(app_kwargs={"sse_block_ms": 100}, max_sse_per_client=2,
+                   api_keys=["alice-key-012345", "bob-key-01234567"])
+    alice, bob = {"x-api-key": "alice-key-012345"}, {"x-api-key": "bob-key-01234567"}
     job_id = _submit(api, headers=alice, steps=2)  # stays queued: no worker here
     url = f"{api.url}/jobs/{job_id}/events"
     bobs_url = f"{api.url}/jobs/{_submit(api, headers=bob, steps=2)}/events"
@@ -105,8 +106,8 @@ def test_sse_streams_per_client_are_bounded(make_api: Callable[..., ApiServer]) 
 
 # ---- rate limit per key ------------------------------------------------------------------------------------
 def test_rate_limit_per_key_in_redis_with_retry_after(make_api: Callable[..., ApiServer]) -> None:
-    api = make_api(api_keys=["k-alice-Secret9", "k-bob-Secret9"], rate_limit_per_minute=3)
-    alice, bob = {"authorization": "Bearer k-alice-Secret9"}, {"x-api-key": "k-bob-Secret9"}
+    api = make_api(api_keys=["k-alice-Secret9xy", "k-bob-Secret9xyzw"], rate_limit_per_minute=3)
+    alice, bob = {"authorization": "Bearer k-alice-Secret9xy"}, {"x-api-key": "k-bob-Secret9xyzw"}
     _clear_of_window_edge()
     for _ in range(3):
         assert httpx.get(f"{api.url}/models", headers=alice).status_code == 200
