@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest fuzz chaos clean
+.PHONY: install run test lint typecheck pytest fuzz chaos figures clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(BIN)/ddpm up
 
 lint: $(STAMP)
-	$(BIN)/ruff check model service tests benchmarks docker
+	$(BIN)/ruff check model service tests benchmarks docker docs/figures
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -37,6 +37,11 @@ fuzz: $(STAMP)
 
 chaos: $(STAMP)
 	$(BIN)/python -m pytest -q tests/chaos --chaos-scale=full
+
+# The paper's figures made by the demo model, into docs/figures/ (docs/figures/README.md; ~5 min on 2 CPU cores).
+figures: $(STAMP)
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[figures]'
+	OMP_NUM_THREADS=1 $(BIN)/python docs/figures/make_figures.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -300,6 +300,16 @@ class GaussianDiffusion:
         kl = normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(logvar))
         return _mean_flat(kl) / math.log(2.0)
 
+    def kl_term_bpd(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: PMeanVariance) -> torch.Tensor:
+        """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) per sample (B,) in bits/dim, p given as ``out``."""
+        true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, x_t, t)
+        return _mean_flat(normal_kl(true_mean, true_logvar, out.mean, out.log_variance)) / math.log(2.0)
+
+    @staticmethod
+    def decoder_nll_bpd(x0: torch.Tensor, out: PMeanVariance) -> torch.Tensor:
+        """L_0 = -log p(x0 | x_1) per sample (B,) in bits/dim under the discretised Gaussian, p given as ``out``."""
+        return -_mean_flat(discretized_gaussian_log_likelihood(x0, out.mean, 0.5 * out.log_variance)) / math.log(2.0)
+
     def vb_terms_from_eps(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, *,
                           variance: VarianceType | None = None, clip_denoised: bool | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,10 +319,8 @@ class GaussianDiffusion:
         ``-log p(x0 | x_1)`` under the discretised Gaussian. ``clip_denoised`` (default: the diffusion's) clips
         x0-hat inside p's mean, as the official evaluation does (module docstring, "The bound").
         """
-        true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, x_t, t)
         out = self.p_mean_variance_from_eps(x_t, t, eps, variance=variance, clip_denoised=clip_denoised)
-        kl = _mean_flat(normal_kl(true_mean, true_logvar, out.mean, out.log_variance)) / math.log(2.0)
-        nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, out.mean, 0.5 * out.log_variance)) / math.log(2.0)
+        kl, nll = self.kl_term_bpd(x0, x_t, t, out), self.decoder_nll_bpd(x0, out)
         return torch.where(t == 0, nll, kl), out.x0_hat
 
     def vb_terms_bpd(self, eps_fn: EpsFn, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,

@@ -215,8 +215,10 @@ class BoundChain:
             raise RuntimeError("the bound has already been computed")
         x_t, t = self.model_input()
         i = self.timesteps[self.index]
-        term, x0_hat = self.diffusion.vb_terms_from_eps(self.x0, x_t, t, eps, variance=self.variance,
-                                                        clip_denoised=self.clip)
+        d = self.diffusion
+        p = d.p_mean_variance_from_eps(x_t, t, eps, variance=self.variance, clip_denoised=self.clip)
+        term = d.kl_term_bpd(self.x0, x_t, t, p) if i > 0 else d.decoder_nll_bpd(self.x0, p)  # all rows share t
+        x0_hat = p.x0_hat
         mse = ((x0_hat - self.x0) ** 2).mean(dim=(1, 2, 3))
         self.terms[:, i], self.mse[:, i] = term, mse
         out = BoundStep(self.index, self.total, i, term, mse, x_t, x0_hat if want_x0 else None)

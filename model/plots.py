@@ -34,16 +34,17 @@ def require_matplotlib() -> None:
         raise MissingMatplotlib(f"plots need matplotlib: {INSTALL_HINT}") from None
 
 
-def new_figure(ncols: int = 1, width: float = 4.0, height: float = 3.2) -> tuple[Any, Any]:
-    """A figure with ``ncols`` axes side by side (Agg backend, no display needed)."""
+def new_figure(ncols: int = 1, width: float = 4.0, height: float = 3.2, nrows: int = 1) -> tuple[Any, list[Any]]:
+    """A figure of ``nrows`` x ``ncols`` axes, each ``width`` x ``height`` inches, listed row by row (Agg
+    backend: no display needed)."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, list(axes[0])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return fig, [ax for row in axes for ax in row]
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> None:
