@@ -170,11 +170,15 @@ def _features_and_classes(net: Classifier, images: torch.Tensor, device: torch.d
 
 
 # ---- bits/dim --------------------------------------------------------------------------------------------------
-def full_bound_terms(ckpt: LoadedCheckpoint, images: torch.Tensor, *, batch: int = 256, seed: int = 0) -> Likelihood:
-    """Every term of the bound of uint8 ``images`` (N, C, H, W), on the CPU; image i's q-noise is stream (seed, i)."""
+def full_bound_terms(ckpt: LoadedCheckpoint, images: torch.Tensor, *, batch: int = 256, seed: int = 0,
+                     clip_denoised: bool | None = None) -> Likelihood:
+    """Every term of the bound of uint8 ``images`` (N, C, H, W), on the CPU; image i's q-noise is stream (seed, i).
+
+    ``clip_denoised``: clip x0-hat in p's mean (default: the checkpoint's, True for the paper's models).
+    """
     dev = ckpt.diffusion.device
     parts = [likelihood(ckpt.unet, ckpt.diffusion, to_model_range(images[i:i + batch]).to(dev), seed=seed,
-                        first_index=i).to("cpu")
+                        first_index=i, clip_denoised=clip_denoised).to("cpu")
              for i in range(0, len(images), batch)]
     return Likelihood.cat(parts)
 
@@ -186,14 +190,15 @@ def _mean_and_stderr(v: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def bits_per_dim(ckpt: LoadedCheckpoint, images: torch.Tensor, *, num_t: int = 50, full_bound: bool = False,
-                 batch: int = 256, seed: int = 0) -> tuple[float, float]:
+                 batch: int = 256, seed: int = 0, clip_denoised: bool | None = None) -> tuple[float, float]:
     """Mean and standard error of the variational bound in bits/dim over uint8 ``images`` (N, C, H, W)."""
     if full_bound:
-        return _mean_and_stderr(full_bound_terms(ckpt, images, batch=batch, seed=seed).bits_per_dim)
+        terms = full_bound_terms(ckpt, images, batch=batch, seed=seed, clip_denoised=clip_denoised)
+        return _mean_and_stderr(terms.bits_per_dim)
     dev = ckpt.diffusion.device
     g = torch.Generator(device=dev).manual_seed(seed)
     per_image = [ckpt.diffusion.estimate_bpd(ckpt.unet, to_model_range(images[i:i + batch]).to(dev), num_t,
-                                             generator=g).cpu()
+                                             generator=g, clip_denoised=clip_denoised).cpu()
                  for i in range(0, len(images), batch)]
     return _mean_and_stderr(torch.cat(per_image))
 
@@ -330,7 +335,7 @@ def _rate_distortion(report: EvalReport, ckpt: LoadedCheckpoint, images: torch.T
                      args: argparse.Namespace) -> None:
     """The full bound of ``images`` and its data-set curve (CSV + PNG); fills the report's bound figures."""
     T = ckpt.diffusion.num_timesteps
-    terms = full_bound_terms(ckpt, images, seed=args.seed)
+    terms = full_bound_terms(ckpt, images, seed=args.seed, clip_denoised=args.bound_clip)
     report.bpd, report.bpd_stderr = _mean_and_stderr(terms.bits_per_dim)
     points = curve(terms, rd_grid(T, args.rd_points or None))
     at_1 = curve(terms, [1])[0]
@@ -372,11 +377,13 @@ def evaluate(args: argparse.Namespace) -> EvalReport:
             _rate_distortion(report, ckpt, images, args)
         else:
             report.bpd, report.bpd_stderr = bits_per_dim(ckpt, images, num_t=args.bpd_num_t,
-                                                         full_bound=args.full_bound, seed=args.seed)
+                                                         full_bound=args.full_bound, seed=args.seed,
+                                                         clip_denoised=args.bound_clip)
         full = args.full_bound or args.rate_distortion
+        clip = ckpt.diffusion.clip_denoised if args.bound_clip is None else args.bound_clip
         report.bpd_method = (f"full {ckpt.diffusion.num_timesteps}-term bound" if full else
                              f"unbiased estimate, {args.bpd_num_t} random terms + decoder + prior") \
-            + f", {len(images)} images"
+            + f", {len(images)} images" + ("" if clip else ", x0-hat unclipped")
         report.seconds["bpd"] = time.perf_counter() - t0
     if not args.skip_samples:
         train = load_dataset(spec, cfg.image_size, cfg.in_channels, "train", holdout=args.holdout)
@@ -394,6 +401,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-distortion", metavar="CSV",
                         help="also write the full bound's rate-distortion curve (Fig. 5) to CSV and a PNG beside it "
                              "(implies --full-bound; the PNG needs matplotlib: pip install '.[figures]')")
+    parser.add_argument("--bound-clip", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip x0-hat in p's mean inside the bound (default: the checkpoint's clip_denoised, "
+                             "True for the paper's models, as the official evaluation)")
     parser.add_argument("--rd-points", type=int, default=0,
                         help="points of the curve, spread over t = 1..T (default 0: every t)")
     parser.add_argument("--skip-bpd", action="store_true")

@@ -172,3 +172,21 @@ def test_eval_rate_distortion_refuses_before_any_work(tmp_path: Path, capsys: py
     assert cli(["eval", "--checkpoint", ckpt, "--skip-samples", "--rate-distortion", str(tmp_path / "rd.csv")]) == 2
     assert "pip install 'ddpm-service[figures]'" in capsys.readouterr().err
     assert not (tmp_path / "rd.csv").exists()
+
+
+def test_the_bound_clips_x0_hat_unless_told_not_to(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from model.checkpoint import load_checkpoint
+    from model.evaluate import bits_per_dim
+
+    path = _checkpoint(tmp_path / "m.safetensors", trained=True)
+    images = load_dataset("digits", 8, 1, "test").images(range(10))
+    ckpt = load_checkpoint(path)
+    clipped, _ = bits_per_dim(ckpt, images, num_t=5)
+    raw, _ = bits_per_dim(ckpt, images, num_t=5, clip_denoised=False)
+    assert clipped == bits_per_dim(ckpt, images, num_t=5, clip_denoised=True)[0] and clipped != raw
+    base = ["eval", "--checkpoint", str(path), "--skip-samples", "--bpd-images", "10", "--bpd-num-t", "5"]
+    assert cli([*base, "--no-bound-clip", "--json", str(tmp_path / "raw.json")]) == 0
+    assert "x0-hat unclipped" in capsys.readouterr().out
+    assert json.loads((tmp_path / "raw.json").read_text())["bpd"] == pytest.approx(raw, rel=1e-12)
+    assert cli([*base, "--json", str(tmp_path / "clipped.json")]) == 0
+    assert json.loads((tmp_path / "clipped.json").read_text())["bpd"] == pytest.approx(clipped, rel=1e-12)
