@@ -7,8 +7,12 @@ after a warm-up of each so a shared machine's load falls on both alike:
 - *likelihood*: ``likelihood(unet, diffusion, x0)`` on B images: per step, each image's q-noise drawn from its
   own stream, q_sample, the forward, the KL / decoder term and the x0-hat error (``BoundChain.step``).
 
+- *steps alone*: the same T ``BoundChain.step`` calls with a fixed eps and no network (the bookkeeping alone).
+
 ``likelihood_over_forwards`` = median likelihood seconds / median forward seconds (1.0: the bookkeeping is free);
-``overhead_ms_per_step`` = the difference per step. Models: the demo checkpoint by default, else a preset with
+``overhead_ms_per_step`` = the difference per step; ``step_ms`` and ``step_share_pct`` = steps alone per step and
+as a share of (forward + step): on a loaded machine the difference of two long timings is noisy, the short
+step-alone timing much less so. Models: the demo checkpoint by default, else a preset with
 random weights (timing only). One JSON per run in ``$OUT`` when set, else ``benchmarks/results/``.
 
     .venv/bin/python benchmarks/bench_likelihood.py --batches 1 16 --repeats 3 --threads 1
@@ -33,7 +37,7 @@ from model.checkpoint import load_checkpoint
 from model.config import MODEL_PRESETS
 from model.diffusion import EpsFn, GaussianDiffusion
 from model.inference import InferenceOptions, prepare
-from model.likelihood import likelihood
+from model.likelihood import BoundChain, likelihood
 from model.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,17 +86,27 @@ def row(eps_fn: EpsFn, diffusion: GaussianDiffusion, shape: tuple[int, ...], bat
     def bound() -> None:
         likelihood(eps_fn, diffusion, x0, seed=0)
 
+    eps = torch.randn(batch, *shape, generator=g).to(device)
+
+    def steps_alone() -> None:
+        chain = BoundChain(diffusion, x0, seed=0)
+        with torch.inference_mode():
+            while not chain.done:
+                chain.step(eps)
+
     forwards()  # warm-up: allocator, kernel choice
     bound()
-    fwd, lik = [], []
+    fwd, lik, alone = [], [], []
     for _ in range(repeats):
         fwd.append(timed(forwards, device))
         lik.append(timed(bound, device))
-    f, b = statistics.median(fwd), statistics.median(lik)
+        alone.append(timed(steps_alone, device))
+    f, b, a = statistics.median(fwd), statistics.median(lik), statistics.median(alone)
     ratios = [b_ / f_ for f_, b_ in zip(fwd, lik, strict=True)]
     return {"batch": batch, "timesteps": T, "forwards_s": f, "likelihood_s": b, "likelihood_over_forwards": b / f,
             "ratio_min": min(ratios), "ratio_max": max(ratios), "overhead_ms_per_step": 1000 * (b - f) / T,
-            "forwards_runs_s": fwd, "likelihood_runs_s": lik}
+            "step_ms": 1000 * a / T, "step_share_pct": 100 * a / (a + f),
+            "forwards_runs_s": fwd, "likelihood_runs_s": lik, "steps_alone_runs_s": alone}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[-1]
         print(f"batch {batch:4d}: {r['timesteps']} forwards {r['forwards_s']:.2f} s, likelihood "
               f"{r['likelihood_s']:.2f} s, ratio {r['likelihood_over_forwards']:.3f} "
-              f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}), +{r['overhead_ms_per_step']:.3f} ms/step", flush=True)
+              f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}), +{r['overhead_ms_per_step']:.3f} ms/step; steps alone "
+              f"{r['step_ms']:.3f} ms/step = {r['step_share_pct']:.2f}% of forward + step", flush=True)
     report = {"script": "bench_likelihood", "model": what, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "precision": args.precision, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -173,7 +173,8 @@ def fig_training(out: Path, metrics: Path) -> None:
     fig, (ax,) = new_figure(1, width=5.0, height=3.0)
     ax.plot(steps, loss, ".", color="tab:gray", markersize=3, label="L_simple of the step's batch")
     ax.plot(steps, smooth, color="tab:blue", label=f"running mean of {k}")
-    ax.set(yscale="log", xlabel="training step", ylabel="loss (Eq. 14)")
+    ax.set(yscale="log", xlabel="training step", ylabel="loss (Eq. 14)",
+           title=f"training the demo model: {metrics.name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, out / "training_curve.png")
