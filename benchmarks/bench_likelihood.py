@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['likelihood_s']:.2f} s, ratio {r['likelihood_over_forwards']:.3f} "
               f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}), +{r['overhead_ms_per_step']:.3f} ms/step; steps alone "
               f"{r['step_ms']:.3f} ms/step = {r['step_share_pct']:.2f}% of forward + step", flush=True)
+    cpu_name = platform.processor() or platform.machine()
     report = {"script": "bench_likelihood", "model": what, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name,
               "precision": args.precision, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "repeats": args.repeats, "rows": rows,
               # the figure quoted in benchmarks/README.md and docs/figures: the largest batch of the run
