@@ -17,7 +17,7 @@ UP_FLAGS = $(call arg,PORT,--port) $(call arg,HOST,--host) $(call arg,WORKER_MET
 	$(call arg,DEVICE,--device) $(call arg,CHECKPOINT,--checkpoint) $(call arg,REDIS_URL,--redis-url) \
 	$(call arg,REDIS_DATA_DIR,--data-dir) $(call arg,STOP_GRACE,--stop-grace)
 
-.PHONY: install run test lint typecheck pytest fuzz chaos clean
+.PHONY: install run test lint typecheck pytest fuzz chaos figures clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ run: $(STAMP)
 	$(BIN)/ddpm up $(strip $(UP_FLAGS))
 
 lint: $(STAMP)
-	$(BIN)/ruff check model service tests benchmarks docker
+	$(BIN)/ruff check model service tests benchmarks docker docs/figures
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -46,6 +46,11 @@ fuzz: $(STAMP)
 
 chaos: $(STAMP)
 	$(BIN)/python -m pytest -q tests/chaos --chaos-scale=full
+
+# The paper's figures made by the demo model, into docs/figures/ (docs/figures/README.md; ~5 min on 2 CPU cores).
+figures: $(STAMP)
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[figures]'
+	OMP_NUM_THREADS=1 $(BIN)/python docs/figures/make_figures.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,13 @@ other way round). The public API::
     eps = ckpt.unet(x, t)            # x (B,C,H,W) in [-1,1], t int64 (B,) in 0..T-1
     ckpt.diffusion.alphas_cumprod    # (T,) float32
 
+The paper's other operations (docs/OPERATIONS.md), each a plain loop and a step-driven object for an engine::
+
+    from model import reconstruct, interpolate, likelihood
+    reconstruct(ckpt.unet, ckpt.diffusion, x0, start_t=250, seed=0)        # Sec. 4.3-4.4, Fig. 7
+    interpolate(ckpt.unet, ckpt.diffusion, x_a, x_b, t=500, seed=0)         # Fig. 8-9, one row per lambda
+    likelihood(ckpt.unet, ckpt.diffusion, x0).bits_per_dim                  # Eq. 5, every term; .rate(), .distortion()
+
 Importing the package imports nothing heavy: each name is loaded from its module on first use (PEP 562), so
 ``import model.checkpoint_meta`` (metadata without torch, as the API process does) never pulls in PyTorch.
 """
@@ -22,7 +29,9 @@ if TYPE_CHECKING:
     from model.checkpoint_meta import CheckpointError, read_metadata
     from model.config import DiffusionConfig, UNetConfig, model_preset
     from model.diffusion import GaussianDiffusion
-    from model.sampler import Chain, ImageNoise, Step, sample, sample_steps, spaced_timesteps
+    from model.likelihood import BoundChain, Likelihood, likelihood
+    from model.reconstruct import interpolate, interpolation_chain, reconstruct, reconstruction_chain
+    from model.sampler import Chain, ImageNoise, Step, StepDriven, sample, sample_steps, spaced_timesteps
     from model.unet import UNet
 
 # public name -> the module that defines it
@@ -36,9 +45,17 @@ _HOMES = {
     "load_checkpoint": "model.checkpoint",
     "save_checkpoint": "model.checkpoint",
     "GaussianDiffusion": "model.diffusion",
+    "BoundChain": "model.likelihood",
+    "Likelihood": "model.likelihood",
+    "likelihood": "model.likelihood",
+    "interpolate": "model.reconstruct",
+    "interpolation_chain": "model.reconstruct",
+    "reconstruct": "model.reconstruct",
+    "reconstruction_chain": "model.reconstruct",
     "Chain": "model.sampler",
     "ImageNoise": "model.sampler",
     "Step": "model.sampler",
+    "StepDriven": "model.sampler",
     "sample": "model.sampler",
     "sample_steps": "model.sampler",
     "spaced_timesteps": "model.sampler",
@@ -46,18 +63,26 @@ _HOMES = {
 }
 
 __all__ = [
+    "BoundChain",
     "Chain",
     "CheckpointError",
     "DiffusionConfig",
     "GaussianDiffusion",
     "ImageNoise",
+    "Likelihood",
     "LoadedCheckpoint",
     "Step",
+    "StepDriven",
     "UNet",
     "UNetConfig",
+    "interpolate",
+    "interpolation_chain",
+    "likelihood",
     "load_checkpoint",
     "model_preset",
     "read_metadata",
+    "reconstruct",
+    "reconstruction_chain",
     "sample",
     "sample_steps",
     "save_checkpoint",

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from model.images import fit_image
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetError",
@@ -79,19 +81,6 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 # ---- shared helpers -----------------------------------------------------------------------------------------
-def _fit(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bicubic, antialiased) and center-crop: (size, size, C) uint8."""
-    img = img.convert("L" if channels == 1 else "RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
 def _holdout_indices(n: int, split: Split, holdout: float) -> np.ndarray:
     """A fixed permutation of 0..n-1 cut into train (first) and test (last ``holdout`` fraction)."""
     perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
@@ -119,7 +108,7 @@ def _load_digits(image_size: int, channels: int, split: Split, holdout: float) -
     out = np.empty((len(idx), image_size, image_size, channels), dtype=np.uint8)
     for i, a in enumerate(raw):
         img = Image.fromarray(a, mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR)
-        out[i] = _fit(img, image_size, channels)
+        out[i] = fit_image(img, image_size, channels)
     data = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
     return ImageSet("digits", data, torch.from_numpy(bunch.target[idx]).long(), num_classes=10)
 
@@ -204,7 +193,7 @@ class _FolderImages(ImageSet):
         arrs = []
         for i in torch.as_tensor(indices, dtype=torch.long).tolist():
             with Image.open(self.files[i]) as img:
-                arrs.append(_fit(img, self.image_size, self.channels))
+                arrs.append(fit_image(img, self.image_size, self.channels))
         return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 

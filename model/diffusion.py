@@ -8,6 +8,12 @@ float tensors (B, C, H, W) in [-1, 1]; ``t`` is int64 (B,).
 Every schedule array is computed in float64 and stored as a float32 tensor on the diffusion's device, named after
 its formula (``sqrt_alphas_cumprod``, ``posterior_mean_coef1``...). The network is never owned here: every
 method that needs it takes ``eps_fn(x_t, t) -> eps``, any callable (a U-Net, a respacing wrapper, a closed form).
+
+The bound (Eq. 5): ``prior_bpd`` is L_T, ``vb_terms_from_eps`` one L_{t-1} (L_0: the discretised decoder),
+``calc_bpd_loop`` all of them. p's mean inside the bound uses the *clipped* x0-hat by default (the diffusion's
+``clip_denoised``, True for the paper's models), as the official evaluation does: hojonathanho/diffusion,
+``scripts/run_cifar.py`` ``bpd_fn`` calls ``calc_bpd_loop`` without ``clip_denoised``, whose default there is True
+(``diffusion_utils_2.py``); only its training loss with the true bound (``loss_type='kl'``) passes False.
 """
 
 from __future__ import annotations
@@ -294,23 +300,40 @@ class GaussianDiffusion:
         kl = normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(logvar))
         return _mean_flat(kl) / math.log(2.0)
 
-    def vb_terms_bpd(self, eps_fn: EpsFn, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
-                     variance: VarianceType | None = None, clip_denoised: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One term of the bound per sample (B,) in bits/dim, and the eps used.
+    def kl_term_bpd(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: PMeanVariance) -> torch.Tensor:
+        """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) per sample (B,) in bits/dim, p given as ``out``."""
+        true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, x_t, t)
+        return _mean_flat(normal_kl(true_mean, true_logvar, out.mean, out.log_variance)) / math.log(2.0)
+
+    @staticmethod
+    def decoder_nll_bpd(x0: torch.Tensor, out: PMeanVariance) -> torch.Tensor:
+        """L_0 = -log p(x0 | x_1) per sample (B,) in bits/dim under the discretised Gaussian, p given as ``out``."""
+        return -_mean_flat(discretized_gaussian_log_likelihood(x0, out.mean, 0.5 * out.log_variance)) / math.log(2.0)
+
+    def vb_terms_from_eps(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, *,
+                          variance: VarianceType | None = None, clip_denoised: bool | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One term of the bound per sample (B,) in bits/dim given the network's eps, and the x0-hat used.
 
         ``L_{t-1} = KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t))`` for index t > 0; for index 0 the decoder NLL
-        ``-log p(x0 | x_1)`` under the discretised Gaussian.
+        ``-log p(x0 | x_1)`` under the discretised Gaussian. ``clip_denoised`` (default: the diffusion's) clips
+        x0-hat inside p's mean, as the official evaluation does (module docstring, "The bound").
         """
-        true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, x_t, t)
-        out = self.p_mean_variance(eps_fn, x_t, t, variance=variance, clip_denoised=clip_denoised)
-        kl = _mean_flat(normal_kl(true_mean, true_logvar, out.mean, out.log_variance)) / math.log(2.0)
-        nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, out.mean, 0.5 * out.log_variance)) / math.log(2.0)
-        return torch.where(t == 0, nll, kl), out.eps
+        out = self.p_mean_variance_from_eps(x_t, t, eps, variance=variance, clip_denoised=clip_denoised)
+        kl, nll = self.kl_term_bpd(x0, x_t, t, out), self.decoder_nll_bpd(x0, out)
+        return torch.where(t == 0, nll, kl), out.x0_hat
+
+    def vb_terms_bpd(self, eps_fn: EpsFn, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+                     variance: VarianceType | None = None, clip_denoised: bool | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vb_terms_from_eps`` with the network called here: the term (B,) and the eps used."""
+        eps = eps_fn(x_t, t)
+        term, _ = self.vb_terms_from_eps(x0, x_t, t, eps, variance=variance, clip_denoised=clip_denoised)
+        return term, eps
 
     @torch.no_grad()
     def calc_bpd_loop(self, eps_fn: EpsFn, x0: torch.Tensor, *, generator: torch.Generator | None = None,
-                      variance: VarianceType | None = None) -> VBTerms:
+                      variance: VarianceType | None = None, clip_denoised: bool | None = None) -> VBTerms:
         """The full variational bound (Eq. 5) of a batch x0 (B,C,H,W) in [-1,1], every term, in bits/dim.
 
         Costs T network evaluations. ``x0`` should lie on the 8-bit grid (uint8 scaled to [-1, 1]).
@@ -323,15 +346,15 @@ class GaussianDiffusion:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) \
                 if generator is not None else torch.randn_like(x0)
             x_t = self.q_sample(x0, t, noise)
-            term, eps = self.vb_terms_bpd(eps_fn, x0, x_t, t, variance=variance)
+            term, eps = self.vb_terms_bpd(eps_fn, x0, x_t, t, variance=variance, clip_denoised=clip_denoised)
             terms[:, i], mse[:, i] = term, _mean_flat((eps - noise) ** 2)
         prior = self.prior_bpd(x0)
         return VBTerms(total=prior + terms.sum(dim=1), prior=prior, terms=terms, mse=mse)
 
     @torch.no_grad()
     def estimate_bpd(self, eps_fn: EpsFn, x0: torch.Tensor, num_t: int, *,
-                     generator: torch.Generator | None = None, variance: VarianceType | None = None
-                     ) -> torch.Tensor:
+                     generator: torch.Generator | None = None, variance: VarianceType | None = None,
+                     clip_denoised: bool | None = None) -> torch.Tensor:
         """Unbiased Monte-Carlo estimate of the bound per sample (B,): prior + T * mean of ``num_t`` random terms.
 
         ``num_t`` network evaluations instead of T; the decoder term is always included exactly
@@ -343,12 +366,13 @@ class GaussianDiffusion:
         zero = torch.zeros(b, device=dev, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=dev)
         total = total + self.vb_terms_bpd(eps_fn, x0, self.q_sample(x0, zero, noise), zero,
-                                          variance=variance)[0]
+                                          variance=variance, clip_denoised=clip_denoised)[0]
         if num_t > 0 and T > 1:
             acc = torch.zeros(b, device=dev)
             for _ in range(num_t):
                 t = torch.randint(1, T, (b,), generator=generator, device=dev)
                 noise = torch.randn(x0.shape, generator=generator, device=dev)
-                acc += self.vb_terms_bpd(eps_fn, x0, self.q_sample(x0, t, noise), t, variance=variance)[0]
+                acc += self.vb_terms_bpd(eps_fn, x0, self.q_sample(x0, t, noise), t, variance=variance,
+                                         clip_denoised=clip_denoised)[0]
             total = total + (T - 1) * acc / num_t
         return total

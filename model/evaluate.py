@@ -2,9 +2,13 @@
 
 Figures (each reported with a reference so the number means something):
 
-- **bits/dim**: the variational bound (PAPER.md, Eq. 5) on the dataset's held-out split, estimated without
+- **bits/dim**: the variational bound (the paper's Eq. 5) on the dataset's held-out split, estimated without
   bias from ``num_t`` random terms per image plus the exact decoder and prior terms
-  (``GaussianDiffusion.estimate_bpd``), or the full T-term bound with ``--full-bound``.
+  (``GaussianDiffusion.estimate_bpd``), or the full T-term bound with ``--full-bound`` (``model.likelihood``:
+  held-out image i's q-noise from stream (seed, i), the numbers a likelihood job of the same seed and index
+  gives). p's mean uses the clipped x0-hat, as the official evaluation (``model.diffusion``, "The bound").
+- **rate-distortion** (``--rate-distortion CSV``): the full bound's progressive-coding curve (Fig. 5; rate
+  L_T + ... + L_t and RMSE of x0-hat(x_t) at each t, ``model.likelihood``) as CSV and, next to it, a PNG.
 - **classifier Fréchet distance** (works offline on any labelled dataset): a small CNN classifier is trained on
   the training split (or read from the cache), and the Fréchet distance between Gaussians fitted to its
   penultimate features is computed for generated samples vs the training images, next to the same figure for
@@ -39,6 +43,8 @@ from model.checkpoint import CheckpointError, LoadedCheckpoint, atomic_save_safe
 from model.data import DatasetError, ImageSet, load_dataset, to_model_range
 from model.images import save_png
 from model.inception import FIDInception, load_fid_inception
+from model.likelihood import Likelihood, curve, likelihood, rd_grid
+from model.plots import MissingMatplotlib, plot_rate_distortion, require_matplotlib, write_rd_csv
 from model.sampler import SAMPLERS, sample
 
 __all__ = [
@@ -47,6 +53,7 @@ __all__ = [
     "bits_per_dim",
     "configure_parser",
     "frechet_distance",
+    "full_bound_terms",
     "get_classifier",
     "main",
     "train_classifier",
@@ -163,21 +170,37 @@ def _features_and_classes(net: Classifier, images: torch.Tensor, device: torch.d
 
 
 # ---- bits/dim --------------------------------------------------------------------------------------------------
+def full_bound_terms(ckpt: LoadedCheckpoint, images: torch.Tensor, *, batch: int = 256, seed: int = 0,
+                     clip_denoised: bool | None = None) -> Likelihood:
+    """Every term of the bound of uint8 ``images`` (N, C, H, W), on the CPU; image i's q-noise is stream (seed, i).
+
+    ``clip_denoised``: clip x0-hat in p's mean (default: the checkpoint's, True for the paper's models).
+    """
+    dev = ckpt.diffusion.device
+    parts = [likelihood(ckpt.unet, ckpt.diffusion, to_model_range(images[i:i + batch]).to(dev), seed=seed,
+                        first_index=i, clip_denoised=clip_denoised).to("cpu")
+             for i in range(0, len(images), batch)]
+    return Likelihood.cat(parts)
+
+
+def _mean_and_stderr(v: torch.Tensor) -> tuple[float, float]:
+    v = v.double()
+    return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
 @torch.no_grad()
 def bits_per_dim(ckpt: LoadedCheckpoint, images: torch.Tensor, *, num_t: int = 50, full_bound: bool = False,
-                 batch: int = 256, seed: int = 0) -> tuple[float, float]:
+                 batch: int = 256, seed: int = 0, clip_denoised: bool | None = None) -> tuple[float, float]:
     """Mean and standard error of the variational bound in bits/dim over uint8 ``images`` (N, C, H, W)."""
+    if full_bound:
+        terms = full_bound_terms(ckpt, images, batch=batch, seed=seed, clip_denoised=clip_denoised)
+        return _mean_and_stderr(terms.bits_per_dim)
     dev = ckpt.diffusion.device
     g = torch.Generator(device=dev).manual_seed(seed)
-    per_image = []
-    for i in range(0, len(images), batch):
-        x0 = to_model_range(images[i:i + batch]).to(dev)
-        if full_bound:
-            per_image.append(ckpt.diffusion.calc_bpd_loop(ckpt.unet, x0, generator=g).total.cpu())
-        else:
-            per_image.append(ckpt.diffusion.estimate_bpd(ckpt.unet, x0, num_t, generator=g).cpu())
-    v = torch.cat(per_image).double()
-    return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    per_image = [ckpt.diffusion.estimate_bpd(ckpt.unet, to_model_range(images[i:i + batch]).to(dev), num_t,
+                                             generator=g, clip_denoised=clip_denoised).cpu()
+                 for i in range(0, len(images), batch)]
+    return _mean_and_stderr(torch.cat(per_image))
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -201,6 +224,11 @@ class EvalReport:
     heldout_class_histogram: list[int] = field(default_factory=list)
     fid_samples_vs_train: float | None = None
     fid_heldout_vs_train: float | None = None
+    rate_t1: float | None = None  # L_T + ... + L_1, bits/dim (the rate once x_1 is received)
+    decoder_l0: float | None = None  # L_0, bits/dim
+    distortion_t1: float | None = None  # RMSE of x0-hat(x_1), 0..255 scale
+    rate_distortion_csv: str = ""
+    rate_distortion_png: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -208,6 +236,11 @@ class EvalReport:
         rows = [("checkpoint", f"{self.checkpoint} (step {self.step})"), ("dataset", self.dataset)]
         if self.bpd is not None:
             rows.append(("bits/dim (held-out)", f"{self.bpd:.3f} ± {self.bpd_stderr:.3f}  [{self.bpd_method}]"))
+        if self.rate_t1 is not None:
+            rows += [("rate L_T + ... + L_1", f"{self.rate_t1:.3f} bits/dim  (the lossy part of the code)"),
+                     ("decoder L_0", f"{self.decoder_l0:.3f} bits/dim"),
+                     ("distortion at t = 1", f"{self.distortion_t1:.3f} RMSE on 0..255"),
+                     ("rate-distortion curve", f"{self.rate_distortion_csv}, {self.rate_distortion_png}")]
         if self.fd_samples_vs_train is not None:
             rows += [
                 ("classifier FD: samples vs train",
@@ -298,10 +331,35 @@ def _sample_quality(report: EvalReport, ckpt: LoadedCheckpoint, train: ImageSet,
                             "(Fréchet distances shrink with more images)")
 
 
+def _rate_distortion(report: EvalReport, ckpt: LoadedCheckpoint, images: torch.Tensor,
+                     args: argparse.Namespace) -> None:
+    """The full bound of ``images`` and its data-set curve (CSV + PNG); fills the report's bound figures."""
+    T = ckpt.diffusion.num_timesteps
+    terms = full_bound_terms(ckpt, images, seed=args.seed, clip_denoised=args.bound_clip)
+    report.bpd, report.bpd_stderr = _mean_and_stderr(terms.bits_per_dim)
+    points = curve(terms, rd_grid(T, args.rd_points or None))
+    at_1 = curve(terms, [1])[0]
+    report.rate_t1, report.distortion_t1 = at_1.rate, at_1.distortion
+    report.decoder_l0 = float(terms.terms[:, 0].double().mean())
+    csv_path = Path(args.rate_distortion)
+    png_path = csv_path.with_suffix(".png")
+    write_rd_csv(points, T, csv_path)
+    plot_rate_distortion(points, T, png_path, title=f"{Path(args.checkpoint).name} on {report.dataset} "
+                                                    f"({len(images)} held-out images)")
+    report.rate_distortion_csv, report.rate_distortion_png = str(csv_path), str(png_path)
+
+
 def evaluate(args: argparse.Namespace) -> EvalReport:
     """Run every figure asked for by ``args`` (see ``configure_parser``)."""
     if args.inception_weights and args.skip_samples:
         raise ValueError("--inception-weights computes FID of samples: drop --skip-samples")
+    if args.rate_distortion:
+        if args.skip_bpd:
+            raise ValueError("--rate-distortion computes the full bound: drop --skip-bpd")
+        if Path(args.rate_distortion).suffix.lower() != ".csv":
+            raise ValueError(f"--rate-distortion names the CSV to write (the PNG goes next to it), got "
+                             f"{args.rate_distortion!r}")
+        require_matplotlib()  # refuse before the T forward passes, not after
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     if args.inception_weights:
@@ -315,11 +373,17 @@ def evaluate(args: argparse.Namespace) -> EvalReport:
     if not args.skip_bpd:
         t0 = time.perf_counter()
         images = test.images(range(min(len(test), args.bpd_images))) if args.bpd_images else test.all_images()
-        report.bpd, report.bpd_stderr = bits_per_dim(ckpt, images, num_t=args.bpd_num_t,
-                                                     full_bound=args.full_bound, seed=args.seed)
-        report.bpd_method = (f"full {ckpt.diffusion.num_timesteps}-term bound" if args.full_bound else
+        if args.rate_distortion:
+            _rate_distortion(report, ckpt, images, args)
+        else:
+            report.bpd, report.bpd_stderr = bits_per_dim(ckpt, images, num_t=args.bpd_num_t,
+                                                         full_bound=args.full_bound, seed=args.seed,
+                                                         clip_denoised=args.bound_clip)
+        full = args.full_bound or args.rate_distortion
+        clip = ckpt.diffusion.clip_denoised if args.bound_clip is None else args.bound_clip
+        report.bpd_method = (f"full {ckpt.diffusion.num_timesteps}-term bound" if full else
                              f"unbiased estimate, {args.bpd_num_t} random terms + decoder + prior") \
-            + f", {len(images)} images"
+            + f", {len(images)} images" + ("" if clip else ", x0-hat unclipped")
         report.seconds["bpd"] = time.perf_counter() - t0
     if not args.skip_samples:
         train = load_dataset(spec, cfg.image_size, cfg.in_channels, "train", holdout=args.holdout)
@@ -334,6 +398,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bpd-num-t", type=int, default=50, help="random bound terms per image (default 50)")
     parser.add_argument("--bpd-images", type=int, default=0, help="held-out images for bits/dim (0 = all)")
     parser.add_argument("--full-bound", action="store_true", help="all T terms per image (T network passes)")
+    parser.add_argument("--rate-distortion", metavar="CSV",
+                        help="also write the full bound's rate-distortion curve (Fig. 5) to CSV and a PNG beside it "
+                             "(implies --full-bound; the PNG needs matplotlib: pip install '.[figures]')")
+    parser.add_argument("--bound-clip", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip x0-hat in p's mean inside the bound (default: the checkpoint's clip_denoised, "
+                             "True for the paper's models, as the official evaluation)")
+    parser.add_argument("--rd-points", type=int, default=0,
+                        help="points of the curve, spread over t = 1..T (default 0: every t)")
     parser.add_argument("--skip-bpd", action="store_true")
     parser.add_argument("--skip-samples", action="store_true")
     parser.add_argument("--num-samples", type=int, default=0, help="samples (default: the held-out size, <=1000)")
@@ -358,7 +430,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         report = evaluate(args)
-    except (CheckpointError, DatasetError, ValueError) as exc:
+    except (CheckpointError, DatasetError, ValueError, MissingMatplotlib) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.table())

@@ -1,6 +1,8 @@
-"""Tensors <-> pictures: [-1, 1] image batches to uint8, grids, progressive strips and PNG bytes.
+"""Tensors <-> pictures: [-1, 1] image batches to uint8, grids, progressive strips and PNG bytes, and any
+picture fitted to the model's shape.
 
-Pure functions over tensors and PIL images; no files are written here except by ``save_png``.
+Pure functions over tensors and PIL images; no files are written here except by ``save_png``, and read only by
+``load_image``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-__all__ = ["grid", "png_bytes", "save_png", "strip", "to_pil", "to_uint8"]
+__all__ = ["fit_image", "from_uint8", "grid", "load_image", "png_bytes", "save_png", "strip", "to_pil", "to_uint8"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -67,3 +69,32 @@ def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> None:
     with open(tmp, "wb") as fh:
         fh.write(png_bytes(image, compress_level=6))
     os.replace(tmp, path)
+
+
+def fit_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """Any picture in the model's shape: (size, size, C) uint8.
+
+    The rule (one place, used for data sets and input images alike): convert to L (1 channel) or RGB
+    (3 channels), resize the shorter side to ``size`` (bicubic, antialiased), centre-crop the longer one.
+    """
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def from_uint8(arr: np.ndarray) -> torch.Tensor:
+    """(H, W, C) uint8 -> (1, C, H, W) float in [-1, 1] (``x / 127.5 - 1``: on the 8-bit grid)."""
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()[None] / 127.5 - 1.0
+
+
+def load_image(path: str | os.PathLike[str], size: int, channels: int) -> torch.Tensor:
+    """A picture file (PNG, JPEG, ... as Pillow reads it; EXIF orientation applied) as (1, C, size, size) in
+    [-1, 1], fitted by ``fit_image``."""
+    with Image.open(path) as img:
+        return from_uint8(fit_image(ImageOps.exif_transpose(img), size, channels))

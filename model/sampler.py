@@ -4,7 +4,9 @@ A ``Chain`` holds the state of one batch of images walking down a list of timest
 ``model_input()`` gives ``(x_t, t)`` for the network, ``step(eps)`` applies one update and returns a ``Step``
 record. ``sample_steps`` is the plain loop (one network call per step) as a generator: callers preview, cancel
 or stop early simply by what they do with each record. A worker that batches several chains into one forward
-pass drives ``model_input``/``step`` itself. No I/O, no progress bars, no sleeping here.
+pass drives ``model_input``/``step`` itself (the ``StepDriven`` protocol: ``model.likelihood.BoundChain`` has the
+same seam, and ``model.reconstruct`` builds Chains that start from an encoded x_t). No I/O, no progress bars, no
+sleeping here.
 
 Reproducibility: every image has its own ``torch.Generator`` seeded from ``(seed, image index)`` and draws its
 x_T and every step's noise from that stream alone, so image ``i`` of seed ``s`` is the same whatever the batch.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, Protocol, TypeVar
 
 import torch
 
@@ -32,6 +34,8 @@ __all__ = [
     "ImageNoise",
     "SamplerName",
     "Step",
+    "StepDriven",
+    "StepRecord",
     "image_seed",
     "respace",
     "sample",
@@ -123,6 +127,44 @@ class Step:
         return self.index == self.total - 1
 
 
+class StepRecord(Protocol):
+    """What every step-driven object's ``step`` returns: its position, the timestep and the optional x0-hat."""
+
+    index: int
+    total: int
+    t: int
+    x0_hat: torch.Tensor | None
+
+    @property
+    def is_last(self) -> bool: ...
+
+
+R_co = TypeVar("R_co", bound=StepRecord, covariant=True)
+
+
+class StepDriven(Protocol, Generic[R_co]):
+    """The seam a batching engine drives: one network call on ``model_input()``, then ``step(eps)``.
+
+    ``Chain`` (sampling, reconstruction, interpolation) and ``model.likelihood.BoundChain`` (the variational
+    bound) both have it, so their ``(x_t, t)`` can share one forward pass: rows are independent.
+    """
+
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    index: int
+
+    def model_input(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def step(self, eps: torch.Tensor, *, want_x0: bool = False) -> R_co: ...
+
+
 class Chain:
     """The reverse chain for one batch of images over ``timesteps`` (descending when run).
 
@@ -134,6 +176,8 @@ class Chain:
         eta: DDIM's noise scale (0 = deterministic; 1 = DDPM-like). Ignored for ``ddpm``.
         variance: ``fixedlarge`` or ``fixedsmall`` for ``ddpm``; the diffusion's default when None.
         clip_denoised: clip x0-hat to [-1, 1] in each update; the diffusion's default when None.
+        x_T: the state at the first (highest) kept timestep; default: the first draw of ``noise``. A chain over
+            a prefix of the timesteps started from an encoded ``x_t`` is a reconstruction (``model.reconstruct``).
     """
 
     def __init__(
@@ -229,8 +273,11 @@ class Chain:
         return x_prev, x0_hat
 
 
-def sample_steps(eps_fn: EpsFn, chain: Chain, *, x0_every: int | None = None) -> Iterator[Step]:
-    """Run ``chain`` to the end, one network call per step, yielding each ``Step``.
+R = TypeVar("R", bound=StepRecord)
+
+
+def sample_steps(eps_fn: EpsFn, chain: StepDriven[R], *, x0_every: int | None = None) -> Iterator[R]:
+    """Run ``chain`` (any ``StepDriven``) to the end, one network call per step, yielding each step's record.
 
     ``x0_every``: include x0-hat on every ``x0_every``-th step and on the last one (None: never, 1: always).
     """

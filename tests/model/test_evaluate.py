@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.checkpoint import save_checkpoint
 from model.config import DiffusionConfig, UNetConfig
@@ -114,3 +116,77 @@ def test_fid_with_inception_weights_from_disk(tmp_path: Path, capsys: pytest.Cap
     assert "FID: samples vs train" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     assert np.isfinite(report["fid_samples_vs_train"]) and np.isfinite(report["fid_heldout_vs_train"])
+
+
+def test_full_bound_is_the_likelihood_of_each_image_with_its_own_stream(tmp_path: Path) -> None:
+    from model.checkpoint import load_checkpoint
+    from model.evaluate import bits_per_dim, full_bound_terms
+    from model.likelihood import likelihood
+
+    ckpt = load_checkpoint(_checkpoint(tmp_path / "m.safetensors", trained=True))
+    images = load_dataset("digits", 8, 1, "test").images(range(6))
+    terms = full_bound_terms(ckpt, images, batch=4, seed=3)  # two batches: images 4 and 5 are streams 4 and 5
+    tail = likelihood(ckpt.unet, ckpt.diffusion, to_model_range(images[4:]), seed=3, first_index=4)
+    torch.testing.assert_close(terms.terms[4:], tail.terms, atol=1e-6, rtol=0)
+    mean, err = bits_per_dim(ckpt, images, full_bound=True, batch=4, seed=3)
+    assert mean == pytest.approx(float(terms.bits_per_dim.double().mean()), rel=1e-12) and err > 0
+
+
+def test_eval_rate_distortion_writes_the_curve_and_the_figure(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+
+    ckpt = _checkpoint(tmp_path / "m.safetensors", trained=True)
+    rd = tmp_path / "rd.csv"
+    args = ["eval", "--checkpoint", str(ckpt), "--skip-samples", "--bpd-images", "8", "--rate-distortion", str(rd),
+            "--json", str(tmp_path / "r.json")]
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "full 20-term bound, 8 images" in out and "distortion at t = 1" in out
+    rows = list(csv.DictReader(rd.open()))
+    assert [int(r["t"]) for r in rows] == list(range(1, 21))
+    assert [int(r["reverse_steps"]) for r in rows] == list(range(19, -1, -1))
+    rate = [float(r["rate_bits_per_dim"]) for r in rows]
+    dist = [float(r["distortion_rmse_0_255"]) for r in rows]
+    assert all(a >= b for a, b in itertools.pairwise(rate))  # more bits received at smaller t
+    assert dist[0] < dist[-1]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["rate_t1"] == pytest.approx(rate[0], rel=1e-5) and report["distortion_t1"] == pytest.approx(
+        dist[0], rel=1e-5)
+    # The whole bound is the rate at t = 1 plus the decoder's L_0.
+    assert report["bpd"] == pytest.approx(report["rate_t1"] + report["decoder_l0"], rel=1e-5)
+    png = Image.open(tmp_path / "rd.png")
+    assert png.format == "PNG" and png.size[0] > 2 * png.size[1]  # three panels side by side
+    assert cli([*args[:-2], "--rd-points", "5"]) == 0
+    assert [int(r["t"]) for r in csv.DictReader(rd.open())] == [1, 6, 11, 15, 20]
+
+
+def test_eval_rate_distortion_refuses_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = str(_checkpoint(tmp_path / "m.safetensors", trained=False))
+    assert cli(["eval", "--checkpoint", ckpt, "--skip-samples", "--rate-distortion", str(tmp_path / "rd.png")]) == 2
+    assert "names the CSV" in capsys.readouterr().err
+    assert cli(["eval", "--checkpoint", ckpt, "--skip-bpd", "--rate-distortion", str(tmp_path / "rd.csv")]) == 2
+    assert "drop --skip-bpd" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
+    assert cli(["eval", "--checkpoint", ckpt, "--skip-samples", "--rate-distortion", str(tmp_path / "rd.csv")]) == 2
+    assert "pip install 'ddpm-service[figures]'" in capsys.readouterr().err
+    assert not (tmp_path / "rd.csv").exists()
+
+
+def test_the_bound_clips_x0_hat_unless_told_not_to(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from model.checkpoint import load_checkpoint
+    from model.evaluate import bits_per_dim
+
+    path = _checkpoint(tmp_path / "m.safetensors", trained=True)
+    images = load_dataset("digits", 8, 1, "test").images(range(10))
+    ckpt = load_checkpoint(path)
+    clipped, _ = bits_per_dim(ckpt, images, num_t=5)
+    raw, _ = bits_per_dim(ckpt, images, num_t=5, clip_denoised=False)
+    assert clipped == bits_per_dim(ckpt, images, num_t=5, clip_denoised=True)[0] and clipped != raw
+    base = ["eval", "--checkpoint", str(path), "--skip-samples", "--bpd-images", "10", "--bpd-num-t", "5"]
+    assert cli([*base, "--no-bound-clip", "--json", str(tmp_path / "raw.json")]) == 0
+    assert "x0-hat unclipped" in capsys.readouterr().out
+    assert json.loads((tmp_path / "raw.json").read_text())["bpd"] == pytest.approx(raw, rel=1e-12)
+    assert cli([*base, "--json", str(tmp_path / "clipped.json")]) == 0
+    assert json.loads((tmp_path / "clipped.json").read_text())["bpd"] == pytest.approx(clipped, rel=1e-12)

@@ -55,3 +55,50 @@ def test_sample_reports_bad_input_without_a_traceback(tmp_path: Path, ckpt: Path
     assert cli_main(["sample", "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", out]) == 2
     assert cli_main(["sample", "--checkpoint", str(ckpt), "--steps", "21", "--out", out]) == 2
     assert cli_main(["sample", "--checkpoint", str(ckpt), "--sampler", "ddim", "--eta", "2", "--out", out]) == 2
+
+
+def _picture(path: Path, size: tuple[int, int], mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(0)
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
+    return path
+
+
+def test_init_image_writes_variations_and_interpolate_a_row_between_the_inputs(tmp_path: Path, ckpt: Path) -> None:
+    a = _picture(tmp_path / "a.png", (20, 12))  # another size and aspect: resized and centre-cropped to 8x8
+    b = _picture(tmp_path / "b.jpg", (8, 8), mode="L")  # grey JPEG for an RGB model: converted
+    rec, strip = tmp_path / "rec.png", tmp_path / "rec-strip.png"
+    assert cli_main(["sample", "--checkpoint", str(ckpt), "--init-image", str(a), "--start-t", "10", "--steps", "4",
+                     "--n", "3", "--out", str(rec), "--progressive", str(strip), "--frames", "2",
+                     "--device", "cpu"]) == 0
+    assert np.asarray(Image.open(rec)).shape == (22, 22, 3) and np.asarray(Image.open(strip)).shape == (32, 22, 3)
+    row = tmp_path / "row.png"
+    assert cli_main(["sample", "--checkpoint", str(ckpt), "--interpolate", str(a), str(b), "--start-t", "12",
+                     "--lambdas", "0,0.5,1", "--batch-size", "2", "--out", str(row), "--device", "cpu"]) == 0
+    pixels = np.asarray(Image.open(row))
+    assert pixels.shape == (12, 52, 3)  # A, three interpolants, B in one row
+    # The row's ends are the fitted inputs themselves.
+    from model.images import load_image, to_uint8
+
+    assert np.array_equal(pixels[2:10, 2:10], to_uint8(load_image(a, 8, 3))[0])
+    assert np.array_equal(pixels[2:10, 42:50], to_uint8(load_image(b, 8, 3))[0])
+
+
+def test_reconstruction_modes_refuse_bad_input(tmp_path: Path, ckpt: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = str(tmp_path / "g.png")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a picture")
+    pic = str(_picture(tmp_path / "a.png", (8, 8)))
+    base = ["sample", "--checkpoint", str(ckpt), "--out", out, "--device", "cpu"]
+    assert cli_main([*base, "--init-image", str(junk)]) == 2
+    assert "cannot identify image file" in caplog.text
+    assert cli_main([*base, "--init-image", str(tmp_path / "missing.png")]) == 2
+    assert cli_main([*base, "--init-image", pic, "--start-t", "21"]) == 2
+    assert "start_t must be an integer between 1 and 20" in caplog.text
+    assert cli_main([*base, "--init-image", pic, "--start-t", "5", "--steps", "6"]) == 2
+    assert cli_main([*base, "--interpolate", pic, pic, "--lambdas", "0,2"]) == 2
+    assert "lambdas" in caplog.text
+    assert cli_main([*base, "--shared-latent"]) == 2
+    assert cli_main([*base, "--start-t", "5"]) == 2
+    assert cli_main([*base, "--init-image", pic, "--interpolate", pic, pic]) == 2
+    assert not Path(out).exists()
