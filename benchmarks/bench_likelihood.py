@@ -1,4 +1,4 @@
-"""A likelihood computation (the full T-term bound, ``model.likelihood``) against T forwards of the bare U-Net.
+"""A likelihood computation (the full T-term bound, ``model.bound``) against T forwards of the bare U-Net.
 
 For each batch size in ``--batches``, side by side in one run, interleaved (forwards, likelihood, forwards, ...)
 after a warm-up of each so a shared machine's load falls on both alike:
@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
+from model.bound import BoundChain, likelihood
 from model.checkpoint import load_checkpoint
 from model.config import MODEL_PRESETS
 from model.diffusion import EpsFn, GaussianDiffusion
 from model.inference import InferenceOptions, prepare
-from model.likelihood import BoundChain, likelihood
 from model.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]

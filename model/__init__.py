@@ -25,12 +25,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from model.bound import BoundChain, Likelihood, likelihood
     from model.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
     from model.checkpoint_meta import CheckpointError, read_metadata
     from model.config import DiffusionConfig, UNetConfig, model_preset
     from model.diffusion import GaussianDiffusion
-    from model.likelihood import BoundChain, Likelihood, likelihood
-    from model.reconstruct import interpolate, interpolation_chain, reconstruct, reconstruction_chain
+    from model.latents import interpolate, interpolation_chain, reconstruct, reconstruction_chain
     from model.sampler import Chain, ImageNoise, Step, StepDriven, sample, sample_steps, spaced_timesteps
     from model.unet import UNet
 
@@ -45,13 +45,13 @@ _HOMES = {
     "load_checkpoint": "model.checkpoint",
     "save_checkpoint": "model.checkpoint",
     "GaussianDiffusion": "model.diffusion",
-    "BoundChain": "model.likelihood",
-    "Likelihood": "model.likelihood",
-    "likelihood": "model.likelihood",
-    "interpolate": "model.reconstruct",
-    "interpolation_chain": "model.reconstruct",
-    "reconstruct": "model.reconstruct",
-    "reconstruction_chain": "model.reconstruct",
+    "BoundChain": "model.bound",
+    "Likelihood": "model.bound",
+    "likelihood": "model.bound",
+    "interpolate": "model.latents",
+    "interpolation_chain": "model.latents",
+    "reconstruct": "model.latents",
+    "reconstruction_chain": "model.latents",
     "Chain": "model.sampler",
     "ImageNoise": "model.sampler",
     "Step": "model.sampler",

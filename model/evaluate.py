@@ -4,11 +4,11 @@ Figures (each reported with a reference so the number means something):
 
 - **bits/dim**: the variational bound (the paper's Eq. 5) on the dataset's held-out split, estimated without
   bias from ``num_t`` random terms per image plus the exact decoder and prior terms
-  (``GaussianDiffusion.estimate_bpd``), or the full T-term bound with ``--full-bound`` (``model.likelihood``:
+  (``GaussianDiffusion.estimate_bpd``), or the full T-term bound with ``--full-bound`` (``model.bound``:
   held-out image i's q-noise from stream (seed, i), the numbers a likelihood job of the same seed and index
   gives). p's mean uses the clipped x0-hat, as the official evaluation (``model.diffusion``, "The bound").
 - **rate-distortion** (``--rate-distortion CSV``): the full bound's progressive-coding curve (Fig. 5; rate
-  L_T + ... + L_t and RMSE of x0-hat(x_t) at each t, ``model.likelihood``) as CSV and, next to it, a PNG.
+  L_T + ... + L_t and RMSE of x0-hat(x_t) at each t, ``model.bound``) as CSV and, next to it, a PNG.
 - **classifier Fréchet distance** (works offline on any labelled dataset): a small CNN classifier is trained on
   the training split (or read from the cache), and the Fréchet distance between Gaussians fitted to its
   penultimate features is computed for generated samples vs the training images, next to the same figure for
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from model.bound import Likelihood, curve, likelihood, rd_grid
 from model.checkpoint import CheckpointError, LoadedCheckpoint, atomic_save_safetensors, load_checkpoint
 from model.data import DatasetError, ImageSet, load_dataset, to_model_range
 from model.images import save_png
 from model.inception import FIDInception, load_fid_inception
-from model.likelihood import Likelihood, curve, likelihood, rd_grid
 from model.plots import MissingMatplotlib, plot_rate_distortion, require_matplotlib, write_rd_csv
 from model.sampler import SAMPLERS, sample
 

@@ -3,7 +3,7 @@
 matplotlib is an optional dependency (``pip install 'ddpm-service[figures]'``), imported only when a plot is
 drawn; ``require_matplotlib`` lets a command refuse before any expensive work. PNGs are written with the Agg
 backend and without a timestamp, so the same points give the same file. This module knows the
-``model.likelihood.RDPoint`` rows, nothing of models.
+``model.bound.RDPoint`` rows, nothing of models.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from model.likelihood import RDPoint
+from model.bound import RDPoint
 
 __all__ = ["PNG_METADATA", "MissingMatplotlib", "new_figure", "plot_rate_distortion", "require_matplotlib",
            "save_figure", "write_rd_csv"]

@@ -4,7 +4,7 @@ No service involved: load the checkpoint, run the reverse chain in chunks of ``-
 PNG. Image ``i`` of ``--seed s`` is the same whatever ``--n`` and ``--batch-size`` (per-image noise streams), so
 ``--n 4`` shows the first four images of ``--n 64``. The progress bar lives here, not in the sampler.
 
-Three modes (``model.reconstruct``): plain sampling; ``--init-image FILE --start-t t`` (reconstructions, or with
+Three modes (``model.latents``): plain sampling; ``--init-image FILE --start-t t`` (reconstructions, or with
 ``--n`` > 1 variations, of a picture diffused to t with q; ``--shared-latent`` decodes one x_t several times,
 Fig. 7); ``--interpolate A B --start-t t --lambdas ...`` (Fig. 8: the interpolants in one row, between the two
 fitted inputs). Input pictures are fitted to the model (L or RGB, shorter side resized, centre-cropped).
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from model.config import VARIANCE_TYPES
 from model.images import grid, load_image, save_png, strip
-from model.reconstruct import DEFAULT_LAMBDAS, interpolation_chain, reconstruction_chain
+from model.latents import DEFAULT_LAMBDAS, interpolation_chain, reconstruction_chain
 from model.sampler import SAMPLERS, Chain, ImageNoise
 
 __all__ = ["configure_parser", "frame_indices", "main", "sample_images"]

@@ -4,8 +4,8 @@ A ``Chain`` holds the state of one batch of images walking down a list of timest
 ``model_input()`` gives ``(x_t, t)`` for the network, ``step(eps)`` applies one update and returns a ``Step``
 record. ``sample_steps`` is the plain loop (one network call per step) as a generator: callers preview, cancel
 or stop early simply by what they do with each record. A worker that batches several chains into one forward
-pass drives ``model_input``/``step`` itself (the ``StepDriven`` protocol: ``model.likelihood.BoundChain`` has the
-same seam, and ``model.reconstruct`` builds Chains that start from an encoded x_t). No I/O, no progress bars, no
+pass drives ``model_input``/``step`` itself (the ``StepDriven`` protocol: ``model.bound.BoundChain`` has the
+same seam, and ``model.latents`` builds Chains that start from an encoded x_t). No I/O, no progress bars, no
 sleeping here.
 
 Reproducibility: every image has its own ``torch.Generator`` seeded from ``(seed, image index)`` and draws its
@@ -145,7 +145,7 @@ R_co = TypeVar("R_co", bound=StepRecord, covariant=True)
 class StepDriven(Protocol, Generic[R_co]):
     """The seam a batching engine drives: one network call on ``model_input()``, then ``step(eps)``.
 
-    ``Chain`` (sampling, reconstruction, interpolation) and ``model.likelihood.BoundChain`` (the variational
+    ``Chain`` (sampling, reconstruction, interpolation) and ``model.bound.BoundChain`` (the variational
     bound) both have it, so their ``(x_t, t)`` can share one forward pass: rows are independent.
     """
 
@@ -177,7 +177,7 @@ class Chain:
         variance: ``fixedlarge`` or ``fixedsmall`` for ``ddpm``; the diffusion's default when None.
         clip_denoised: clip x0-hat to [-1, 1] in each update; the diffusion's default when None.
         x_T: the state at the first (highest) kept timestep; default: the first draw of ``noise``. A chain over
-            a prefix of the timesteps started from an encoded ``x_t`` is a reconstruction (``model.reconstruct``).
+            a prefix of the timesteps started from an encoded ``x_t`` is a reconstruction (``model.latents``).
     """
 
     def __init__(

@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
+from model.bound import curve, rd_grid
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.data import load_dataset, to_model_range
 from model.diffusion import EpsFn
 from model.evaluate import full_bound_terms
 from model.images import grid, to_uint8
-from model.likelihood import curve, rd_grid
+from model.latents import DEFAULT_LAMBDAS, encode, interpolation_chain, reconstruction_chain
 from model.plots import new_figure, plot_rate_distortion, save_figure, write_rd_csv
-from model.reconstruct import DEFAULT_LAMBDAS, encode, interpolation_chain, reconstruction_chain
 from model.sampler import Chain, ImageNoise, StepDriven
 
 log = logging.getLogger("make_figures")

@@ -119,9 +119,9 @@ def test_fid_with_inception_weights_from_disk(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_full_bound_is_the_likelihood_of_each_image_with_its_own_stream(tmp_path: Path) -> None:
+    from model.bound import likelihood
     from model.checkpoint import load_checkpoint
     from model.evaluate import bits_per_dim, full_bound_terms
-    from model.likelihood import likelihood
 
     ckpt = load_checkpoint(_checkpoint(tmp_path / "m.safetensors", trained=True))
     images = load_dataset("digits", 8, 1, "test").images(range(6))

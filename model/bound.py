@@ -39,7 +39,7 @@ import torch
 
 from model.config import VarianceType
 from model.diffusion import EpsFn, GaussianDiffusion
-from model.reconstruct import check_images
+from model.latents import check_images
 from model.sampler import ImageNoise, sample_steps, spaced_timesteps
 
 __all__ = [

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from model.bound import BoundChain, Likelihood, curve, likelihood, rd_grid
 from model.config import DiffusionConfig, UNetConfig
 from model.diffusion import GaussianDiffusion
-from model.likelihood import BoundChain, Likelihood, curve, likelihood, rd_grid
 from model.sampler import Chain, ImageNoise, image_seed, sample_steps
 from model.unet import UNet
 from tests.model.test_sampler import point_denoiser

@@ -10,7 +10,7 @@ import torch
 
 from model.config import DiffusionConfig, UNetConfig
 from model.diffusion import GaussianDiffusion
-from model.reconstruct import (
+from model.latents import (
     LATENT_STREAM,
     encode,
     interpolate,
