@@ -355,9 +355,11 @@ def list_models(request: Request) -> ModelsView:
 @info.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}},
                                                           **responses(401, 403)})
 def prometheus_metrics(store: Store) -> Response:
-    """Prometheus metrics of the API process (queue depth sampled now)."""
+    """Prometheus metrics of the API process (queue depth and outstanding jobs sampled now)."""
     try:
-        metrics.QUEUE_DEPTH.set(store.queue_length())
+        queued = store.queue_length()
+        metrics.QUEUE_DEPTH.set(queued)
+        metrics.JOBS_OUTSTANDING.set(queued + store.running_count())
     except StoreUnavailable:
         log.warning("queue depth not sampled: redis unavailable")
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

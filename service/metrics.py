@@ -14,6 +14,7 @@ __all__ = [
     "HTTP_REQUEST_DURATION",
     "IMAGES_GENERATED",
     "JOBS_FINISHED",
+    "JOBS_OUTSTANDING",
     "JOBS_SUBMITTED",
     "JOB_QUEUE_WAIT",
     "JOB_RUN_DURATION",
@@ -37,6 +38,8 @@ HTTP_REQUESTS = Counter("ddpm_http_requests_total", "HTTP requests by route and 
                         ["method", "route", "status"])
 JOBS_SUBMITTED = Counter("ddpm_jobs_submitted_total", "Jobs accepted by POST /generate.", ["model"])
 QUEUE_DEPTH = Gauge("ddpm_queue_depth", "Jobs waiting in the queue (sampled at scrape time).")
+JOBS_OUTSTANDING = Gauge("ddpm_jobs_outstanding", "Jobs waiting in the queue or running on a worker (sampled at "
+                         "scrape time); the worker autoscaler (k8s/keda) sizes the workers by it.")
 
 # ---- worker ------------------------------------------------------------------------------------------------
 JOBS_FINISHED = Counter("ddpm_jobs_finished_total", "Jobs that reached a terminal state.", ["model", "status"])

@@ -148,6 +148,11 @@ class JobStore:
         with _translate_errors():
             return int(self.rq_queue().count)
 
+    def running_count(self) -> int:
+        """Jobs a worker has claimed and not ended (RQ's started registry, read without its cleanup)."""
+        with _translate_errors():
+            return int(self.rq_queue().started_job_registry.get_job_count(cleanup=False))
+
     def queue_position(self, job_id: str) -> int | None:
         """0-based position among queued jobs, or None when not queued."""
         with _translate_errors():
