@@ -13,10 +13,13 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEMO_CHECKPOINT", "Settings", "get_settings", "parse_checkpoints"]
+__all__ = ["DEMO_CHECKPOINT", "LogLevel", "Settings", "get_settings", "log_level", "parse_checkpoints"]
 
 # The bundled demo model (trained by `ddpm train --preset digits`, see README), served by default.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "digits.safetensors"
+
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def parse_checkpoints(value: str | list[str] | dict[str, str]) -> dict[str, str]:
@@ -86,7 +89,7 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = Field(24 * 3600, ge=60, description="how long job records, frames and images live")
     job_timeout_seconds: int = Field(3600, ge=10, description="longest a job may run")
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: LogLevel = "INFO"
 
     @field_validator("checkpoints", mode="before")
     @classmethod
@@ -106,6 +109,18 @@ class Settings(BaseSettings):
     @property
     def default_model(self) -> str:
         return next(iter(self.checkpoints))
+
+
+class _LoggingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+
+    log_level: LogLevel = "INFO"
+
+
+def log_level() -> LogLevel:
+    """``DDPM_LOG_LEVEL`` alone: every ``ddpm`` subcommand sets up logging with it, including those that need no
+    other setting (``ddpm train``), so a bad value elsewhere never stops them. Raises ``ValidationError``."""
+    return _LoggingSettings().log_level
 
 
 @lru_cache
