@@ -92,10 +92,14 @@ def is_valid_job_id(job_id: str) -> bool:
     return len(job_id) == _JOB_ID_LEN and all(c in "0123456789abcdef" for c in job_id)
 
 
-def connect(url: str, *, timeout: float = 1.0) -> Redis:
-    """A Redis client that fails fast (``timeout`` seconds to connect and per command) and returns bytes."""
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                health_check_interval=10, retry_on_timeout=False)
+def connect(url: str, *, timeout: float = 1.0, connect_timeout: float | None = None) -> Redis:
+    """A Redis client that fails fast (``connect_timeout`` seconds to connect, default ``timeout``; ``timeout``
+    per command) and returns bytes. ``url`` is a plain Redis URL or a Sentinel one (``service.redis_url``): every
+    client of the service is made here."""
+    from service.redis_url import client_from_url
+
+    return client_from_url(url, socket_connect_timeout=timeout if connect_timeout is None else connect_timeout,
+                           socket_timeout=timeout, health_check_interval=10, retry_on_timeout=False)
 
 
 @contextmanager
@@ -421,7 +425,8 @@ class WorkerSession:
     brings the job's user-facing state along.
     """
 
-    def __init__(self, redis_url: str, store: JobStore, name: str, *, lease_seconds: int = 15):
+    def __init__(self, redis_url: str, store: JobStore, name: str, *, lease_seconds: int = 15,
+                 maintenance_seconds: int = 30):
         from rq.worker import SimpleWorker
 
         lease = int(lease_seconds)
@@ -430,13 +435,14 @@ class WorkerSession:
             def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
                 return lease  # RQ's default is the job timeout + 60 s: far too long to notice a dead worker
 
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=10.0,
-                                      health_check_interval=10)
+        client = connect(redis_url, timeout=10.0, connect_timeout=2.0)
         self.store = store
         self.lease = lease
         self.name = name
+        # Maintenance every 30 s rather than RQ's 10 min: a job stranded in RQ's intermediate queue (a worker died,
+        # or Redis failed over, between taking it and starting it) is retried about 1.5 min later, not 10-20 min.
         self._rq: Any = _LeasedWorker([store.queue_name], name=name, connection=client, worker_ttl=max(lease, 16),
-                                 default_result_ttl=store.ttl)
+                                      default_result_ttl=store.ttl, maintenance_interval=maintenance_seconds)
         self._lock = threading.Lock()
         self.claims: dict[str, Claim] = {}
 
@@ -545,10 +551,11 @@ class WorkerSession:
                 pipe.execute()
 
     def maintain(self) -> None:
-        """RQ's periodic housekeeping, at most every 10 minutes and by one worker at a time (RQ's lock): expired
-        entries of the finished/failed/canceled registries, dead workers, and job ids stranded in RQ's
-        intermediate queue by a worker that died between dequeuing and starting them (RQ fails those; their
-        user-facing state follows)."""
+        """RQ's periodic housekeeping, every ``maintenance_seconds`` and by one worker at a time (RQ's lock):
+        expired entries of the finished/failed/canceled registries, dead workers, and job ids stranded in RQ's
+        intermediate queue by a worker that died, or lost its Redis to a failover, between dequeuing and starting
+        them (after a minute RQ retries those, or fails them when no retry is left; their user-facing state
+        follows)."""
         from rq import worker_registration
         from rq.job import JobStatus
         from rq.utils import now
