@@ -76,8 +76,17 @@ def kustomizations() -> list[Path]:
     return sorted(K8S.rglob("kustomization.yaml"))
 
 
+def kustomize_configurations() -> set[Path]:
+    """Files the kustomizations name under ``configurations:`` (kustomize settings, not Kubernetes objects)."""
+    out = set()
+    for k in kustomizations():
+        out |= {k.parent / c for c in yaml.safe_load(k.read_text()).get("configurations", [])}
+    return out
+
+
 def k8s_manifests() -> list[Path]:
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+    skip = kustomize_configurations()
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and p not in skip)
 
 
 def k8s_documents() -> list[tuple[Path, dict[str, Any]]]:
