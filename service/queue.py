@@ -565,7 +565,10 @@ class WorkerSession:
             return
         queue = rq.queues[0]
         with _translate_errors():
-            if queue.acquire_maintenance_lock():
+            # RQ's own lock (acquire_maintenance_lock) lives 15 minutes: one left behind by a failover between
+            # taking and releasing it would stop this for that long. Ours expires before the next run is due.
+            ttl = max(int(rq.maintenance_interval) - 1, 1)
+            if rq.connection.set(queue.registry_cleaning_key, self.name, nx=True, ex=ttl):
                 try:
                     for registry in (queue.finished_job_registry, queue.failed_job_registry,
                                      queue.canceled_job_registry):

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from service.queue import connect
+from service.queue import JobStore, StoreUnavailable, WorkerSession, connect
 from service.redis_server import die_with_parent, find_redis_server, free_port
 from service.redis_url import parse_sentinel_url
 from service.settings import Settings
@@ -156,3 +156,24 @@ def test_jobs_survive_the_loss_of_the_primary(sentinel_cluster: SentinelCluster,
     finally:
         worker.stop()
         api.stop()
+
+
+def test_a_maintenance_lock_lost_in_a_failover_expires_before_the_next_run(redis_url: str) -> None:
+    """A failover between taking the maintenance lock and releasing it leaves the lock on the promoted replica:
+    it must not outlive the maintenance interval, or stranded jobs wait that long to be retried."""
+    store = JobStore(connect(redis_url), queue_name="ddpm")
+    session = WorkerSession(redis_url, store, "lock-test", maintenance_seconds=30)
+    session.register()
+    queue = session._rq.queues[0]
+    real_delete = session._rq.connection.delete
+
+    def failover(*keys: str) -> int:
+        if queue.registry_cleaning_key in keys:
+            raise redis.ConnectionError("the primary went away")
+        return int(real_delete(*keys))
+
+    session._rq.connection.delete = failover
+    with pytest.raises(StoreUnavailable):
+        session.maintain()
+    ttl = redis.Redis.from_url(redis_url).ttl(queue.registry_cleaning_key)
+    assert 0 < ttl <= 30, f"a left-behind maintenance lock lives {ttl} s"
