@@ -59,7 +59,7 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
 
 def _redact(url: str) -> str:
     scheme, _, rest = url.partition("://")
-    userinfo, at, hosts = rest.rpartition("@")
+    _userinfo, at, hosts = rest.rpartition("@")
     return f"{scheme}://{'***@' if at else ''}{hosts}"
 
 

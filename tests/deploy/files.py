@@ -301,6 +301,7 @@ def render(overlay: str | None = None, *, api_keys: str | None = f"DDPM_API_KEYS
         root = Path(tmp)
         shutil.copytree(K8S, root / "k8s")
         if api_keys is not None:
+            (root / "k8s" / API_KEYS_FILE).parent.mkdir(exist_ok=True)
             (root / "k8s" / API_KEYS_FILE).write_text(api_keys)
         folder = root / target
         if overlay is not None:

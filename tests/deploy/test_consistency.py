@@ -20,7 +20,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from redis import Redis
 
 from service.settings import Settings
 from tests.deploy import files

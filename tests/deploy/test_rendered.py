@@ -174,14 +174,6 @@ def test_budgets_never_block_a_drain_on_pods_that_are_not_ready(base: list[dict[
         assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", budget["metadata"]["name"]
 
 
-def test_the_api_readiness_and_rollout_keep_it_serving(base: list[dict[str, Any]]) -> None:
-    api = files.named(base, "Deployment", "ddpm-api")
-    assert api["spec"]["replicas"] >= 2
-    assert api["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
-    probe = api["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
-    assert probe["httpGet"]["path"] == "/readyz"
-
-
 # ---- 4. the API keys ---------------------------------------------------------------------------------------------
 def test_the_api_key_secret_is_generated_from_a_file_git_never_tracks(base: list[dict[str, Any]]) -> None:
     (secret,) = [o for o in base if o["kind"] == "Secret"]
@@ -218,6 +210,25 @@ def test_images_come_from_a_registry_at_immutable_tags(target: str) -> None:
             assert c["imagePullPolicy"] == "IfNotPresent"
 
 
-def test_compose_and_k8s_pin_the_same_redis(base: list[dict[str, Any]]) -> None:
+def test_compose_and_k8s_pin_the_same_redis_patch_release(base: list[dict[str, Any]]) -> None:
     compose = yaml.safe_load(files.COMPOSE.read_text())["services"]["redis"]["image"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+-alpine", compose), f"{compose} floats"
     assert _container(base, "StatefulSet", "redis")["image"] == compose
+
+
+# ---- 7. an existing HA Redis ---------------------------------------------------------------------------------
+def test_the_readme_points_the_service_at_an_existing_sentinel_redis() -> None:
+    from service.redis_url import parse_sentinel_url
+
+    objects = files.render(readme_overlay("external-redis"))
+    assert not [o for o in objects if o["metadata"]["name"] == "redis"], "the bundled Redis is left out"
+    url = files.named(objects, "ConfigMap", "ddpm-config")["data"]["DDPM_REDIS_URL"]
+    parsed = parse_sentinel_url(url)
+    assert len(parsed.sentinels) == 3 and parsed.service_name == "mymaster"
+    Settings(redis_url=url)
+
+
+def test_the_readme_checkpoint_overlay_names_a_storage_class() -> None:
+    objects = files.render(readme_overlay("checkpoints"))
+    claim = files.named(objects, "PersistentVolumeClaim", "ddpm-checkpoints")
+    assert claim["spec"]["storageClassName"] and claim["spec"]["accessModes"] == ["ReadWriteMany"]

@@ -147,7 +147,8 @@ def test_jobs_survive_the_loss_of_the_primary(sentinel_cluster: SentinelCluster,
             finally:
                 jobs = {j: http.get(f"/jobs/{j}").json() for j in accepted}
         assert running, "the primary was to be killed while a job ran"
-        assert {j: v["status"] for j, v in jobs.items()} == dict.fromkeys(accepted, "succeeded"), worker.log_path.read_text()
+        statuses = {j: v["status"] for j, v in jobs.items()}
+        assert statuses == dict.fromkeys(accepted, "succeeded"), worker.log_path.read_text()
         for job_id, job in jobs.items():
             assert len(job["images"]) == 16, job_id
         client = connect(url)
