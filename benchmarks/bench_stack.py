@@ -88,7 +88,8 @@ class Stack:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{self.url}/readyz", timeout=2)
+                if ready.status_code == 200 and ready.json()["worker"] == "serving":
                     return
             except httpx.HTTPError:
                 pass

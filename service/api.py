@@ -1,24 +1,33 @@
 """The HTTP API (FastAPI): routes and the app factory. ``ddpm serve`` runs it. With ``service.web`` (the error
 shape and handlers, auth, middleware) it is the only place errors become HTTP status codes.
 
-``create_app(settings)`` wires routes, middleware (body-size limit, CORS, request metrics) and error handlers;
+``create_app(settings)`` wires routes, middleware (client address, body-size limit, CORS, request metrics) and
+error handlers;
 the Redis client and the checkpoint metadata are opened in the app's lifespan, never at import time. Routes
 talk to Redis only through ``service.queue.JobStore``; sync routes run in FastAPI's thread pool and the SSE
 stream reads Redis in worker threads, so nothing blocks the event loop. The API never loads a model: it reads
 checkpoint metadata (T, image size) to resolve requests, and the worker does the sampling.
 
+With API keys on, a job belongs to the key that submitted it: another key gets 404 for every route of the job;
+admin keys see all. The API is ready (``/readyz``) when its store answers; whether a worker serves the default
+model is reported beside it (``/readyz``, ``/models``, the ``ddpm_live_workers`` gauge), never an outage: jobs
+are accepted and wait in the queue.
+
 Every error has the shape ``{"error": {"code", "message"}}``:
 
-    400/422 invalid_request   401 unauthorized   403 forbidden   404 not_found   410 expired
-    413 body_too_large   429 queue_full (Retry-After)   503 store_unavailable | model_unavailable | not_ready
+    400/422 invalid_request   401 unauthorized   403 forbidden   404 not_found   408 request_timeout   410 expired
+    413 body_too_large   429 queue_full | rate_limited | too_many_streams (Retry-After)
+    503 store_unavailable | model_unavailable
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,10 +39,11 @@ from typing import Annotated, Any
 
 import anyio
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import ValidationError
@@ -41,6 +51,7 @@ from starlette.types import Receive, Scope, Send
 
 from model.checkpoint import CheckpointError, read_metadata
 from service import metrics
+from service.http_server import server_config
 from service.queue import TERMINAL_STATES, JobState, JobStore, StoreUnavailable, connect, is_valid_job_id
 from service.schemas import (
     FrameView,
@@ -53,16 +64,22 @@ from service.schemas import (
     ModelsView,
     Progress,
     ReadyView,
+    RequestInvalid,
     resolve_request,
 )
 from service.settings import Settings, get_settings
 from service.web import (
     ApiError,
+    ApiKeys,
     BodyLimitMiddleware,
+    Caller,
+    ClientAddressMiddleware,
     MetricsMiddleware,
+    RefusedKeys,
+    TrustedProxies,
+    caller,
     client_id,
     install_error_handlers,
-    key_digests,
     rate_limit,
     require_key,
     responses,
@@ -102,21 +119,32 @@ class ModelCatalog:
         self.refresh()
         return dict(self._meta)
 
-    def info(self) -> list[ModelInfo]:
+    def info(self, workers: dict[str, int] | None) -> list[ModelInfo]:
+        """Every configured model; ``workers``: live workers per model (None: unknown, the store is away)."""
         self.refresh()
         out = []
         for name in self.files:
             meta = self._meta.get(name)
+            serving = None if workers is None else workers.get(name, 0)
             if meta is None:
-                out.append(ModelInfo(name=name, default=name == self.default, available=False,
+                out.append(ModelInfo(name=name, default=name == self.default, available=False, workers=serving,
                                      error=self._errors.get(name)))
                 continue
             diffusion = meta["diffusion_config"]
-            out.append(ModelInfo(name=name, default=name == self.default, available=True,
+            out.append(ModelInfo(name=name, default=name == self.default, available=True, workers=serving,
                                  image_size=meta["image_size"], channels=meta["channels"],
                                  num_timesteps=diffusion["num_timesteps"], variance=diffusion["variance"],
                                  dataset=meta["dataset"], metadata=meta))
         return out
+
+
+def live_workers_per_model(store: JobStore, models: list[str]) -> dict[str, int]:
+    """How many workers with a recent heartbeat serve each of ``models`` (raises ``StoreUnavailable``)."""
+    counts = dict.fromkeys(models, 0)
+    for worker in store.live_workers(WORKER_MAX_AGE_SECONDS):
+        for model in set(worker.get("models") or []) & counts.keys():
+            counts[model] += 1
+    return counts
 
 
 def _store(request: Request) -> JobStore:
@@ -128,6 +156,7 @@ def _settings(request: Request) -> Settings:
 
 
 Store = Annotated[JobStore, Depends(_store)]
+Who = Annotated[Caller, Depends(caller)]
 
 
 # ---- job views ---------------------------------------------------------------------------------------------
@@ -144,11 +173,13 @@ def _not_found(job_id: str, ttl: int) -> ApiError:
                                       f"frames and images are kept {ttl} s); expired jobs answer 404, not 410")
 
 
-def _get_job(store: JobStore, job_id: str) -> dict[str, Any]:
+def _get_job(store: JobStore, job_id: str, who: Caller) -> dict[str, Any]:
+    """The job record, if it exists and ``who`` may see it; else 404 (the same answer: another key's job is
+    indistinguishable from an unknown one)."""
     if not is_valid_job_id(job_id):  # never reaches Redis
         raise _not_found(job_id, store.ttl)
     job = store.get(job_id)
-    if job is None:
+    if job is None or not who.may_see(job.get("owner")):
         raise _not_found(job_id, store.ttl)
     return job
 
@@ -167,10 +198,16 @@ def _job_view(store: JobStore, job: dict[str, Any], since: int, inline: bool) ->
     return JobView(
         id=job_id, status=status.value, model=job["model"], request=job["request"],
         progress=Progress(step=job["step"], total=job["total"], t=job["t"] if job["t"] >= 0 else None),
-        queue_position=store.queue_position(job_id) if status is JobState.QUEUED else None,
+        queue_position=_queue_position(store, job_id) if status is JobState.QUEUED else None,
         frames=frames, images=images, error=job["error"],
         cancel_requested=status is JobState.RUNNING and store.cancel_requested(job_id), attempt=job["attempt"],
         created_at=_iso(job["created_at"]), started_at=_iso(job["started_at"]), ended_at=_iso(job["ended_at"]))
+
+
+def _queue_position(store: JobStore, job_id: str) -> int | None:
+    """1 = the next job a worker takes."""
+    position = store.queue_position(job_id)
+    return None if position is None else position + 1
 
 
 def _png(data: bytes | None, what: str) -> Response:
@@ -187,7 +224,8 @@ health = APIRouter(tags=["health"])
 
 @jobs.post("/generate", status_code=202, response_model=GenerateAccepted,
            responses=responses(400, 401, 403, 413, 422, 429, 503))
-def generate(body: GenerateRequest, request: Request, response: Response, store: Store) -> GenerateAccepted:
+def generate(body: GenerateRequest, request: Request, response: Response, store: Store, who: Who
+             ) -> GenerateAccepted:
     """Queue a generation job; poll ``status_url`` or stream ``events_url``."""
     settings, catalog = _settings(request), request.app.state.catalog
     models = catalog.available()
@@ -198,7 +236,7 @@ def generate(body: GenerateRequest, request: Request, response: Response, store:
     resolved = resolve_request(body, request.app.state.limits, models, catalog.default)
     job_id = store.submit(resolved.to_dict(), resolved.model, num_images=resolved.num_images,
                           total_steps=resolved.steps, seeds=[resolved.seed] * resolved.num_images,
-                          max_queue_length=settings.max_queue_length)
+                          max_queue_length=settings.max_queue_length, owner=who.key)
     metrics.JOBS_SUBMITTED.labels(resolved.model).inc()
     response.headers["Location"] = f"/jobs/{job_id}"
     return GenerateAccepted(id=job_id, status="queued", status_url=f"/jobs/{job_id}",
@@ -207,19 +245,19 @@ def generate(body: GenerateRequest, request: Request, response: Response, store:
 
 @jobs.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=False,
           responses=responses(401, 403, 404, 422, 503))
-def get_job(job_id: str, store: Store,
+def get_job(job_id: str, store: Store, who: Who,
             since: Annotated[int, Query(ge=-1, le=10**9, description="only frames with index > since")] = -1,
             inline: Annotated[bool, Query(description="add base64 PNG data to frames and images")] = False
             ) -> JobView:
     """A job's status, progress, queue position, frames so far and (once succeeded) its images."""
-    return _job_view(store, _get_job(store, job_id), since, inline)
+    return _job_view(store, _get_job(store, job_id, who), since, inline)
 
 
 @jobs.get("/jobs/{job_id}/frames/{index}.png", response_class=Response,
           responses={200: {"content": {"image/png": {}}}, **responses(401, 403, 404, 410, 503)})
-def frame_png(job_id: str, index: int, store: Store) -> Response:
+def frame_png(job_id: str, index: int, store: Store, who: Who) -> Response:
     """The x0-hat frame ``index`` (a grid of all the job's images)."""
-    job = _get_job(store, job_id)
+    job = _get_job(store, job_id, who)
     if not 0 <= index < job["num_frames"]:
         raise ApiError(404, "not_found", f"job {job_id} has {job['num_frames']} frames so far (0-based)")
     return _png(store.frame_png(job_id, index), f"frame {index} of job {job_id}")
@@ -227,9 +265,9 @@ def frame_png(job_id: str, index: int, store: Store) -> Response:
 
 @jobs.get("/jobs/{job_id}/images/{index}.png", response_class=Response,
           responses={200: {"content": {"image/png": {}}}, **responses(401, 403, 404, 410, 503)})
-def image_png(job_id: str, index: int, store: Store) -> Response:
+def image_png(job_id: str, index: int, store: Store, who: Who) -> Response:
     """Final image ``index`` of a succeeded job."""
-    job = _get_job(store, job_id)
+    job = _get_job(store, job_id, who)
     if job["status"] != JobState.SUCCEEDED:
         raise ApiError(404, "not_found", f"job {job_id} is {job['status']}: images exist once it has succeeded")
     if not 0 <= index < job["num_images"]:
@@ -238,16 +276,19 @@ def image_png(job_id: str, index: int, store: Store) -> Response:
 
 
 @jobs.delete("/jobs/{job_id}", response_model=JobView, responses=responses(401, 403, 404, 503))
-def cancel_job(job_id: str, store: Store, response: Response) -> JobView:
+def cancel_job(job_id: str, store: Store, response: Response, who: Who) -> JobView:
     """Cancel: a queued job never starts (200, canceled); a running one stops within one denoising step
     (202, ``cancel_requested``). A finished job is left as it is (200)."""
-    job = _get_job(store, job_id)
+    job = _get_job(store, job_id, who)
     state = store.cancel(job_id)
     if state is None:
         raise _not_found(job_id, store.ttl)
     if state not in TERMINAL_STATES:
         response.status_code = 202
-    return _job_view(store, _get_job(store, job["id"]), since=-1, inline=False)
+    return _job_view(store, _get_job(store, job["id"], who), since=-1, inline=False)
+
+
+SSE_RETRY_MS = 1000  # how long an EventSource waits before it reconnects (sent with the first event)
 
 
 def _sse(event_id: str, event: str, data: dict[str, Any]) -> str:
@@ -255,10 +296,12 @@ def _sse(event_id: str, event: str, data: dict[str, Any]) -> str:
 
 
 async def _event_stream(request: Request, job_id: str, last_id: str) -> AsyncIterator[str]:
-    """Events after ``last_id`` as SSE, then the new ones as they come; ends after the terminal event."""
+    """Events after ``last_id`` as SSE, then the new ones as they come; ends after the terminal event. The
+    ``retry:`` field rides on the first event: alone in a block, SSE client libraries surface it as an empty
+    event."""
     state = request.app.state
     store: JobStore = state.event_store
-    yield "retry: 1000\n\n"
+    retry = f"retry: {SSE_RETRY_MS}\n"
     quiet_since = time.monotonic()
     while not await request.is_disconnected():
         read = partial(store.events, job_id, last_id, block_ms=state.sse_block_ms)
@@ -270,8 +313,8 @@ async def _event_stream(request: Request, job_id: str, last_id: str) -> AsyncIte
         for ev in events:
             if ev.event == "frame":
                 ev.data["url"] = f"/jobs/{job_id}/frames/{ev.data['index']}.png"
-            yield _sse(ev.id, ev.event, ev.data)
-            last_id, quiet_since = ev.id, time.monotonic()
+            yield retry + _sse(ev.id, ev.event, ev.data)
+            retry, last_id, quiet_since = "", ev.id, time.monotonic()
             if ev.event in TERMINAL_STATES:
                 return
         if not events:
@@ -283,13 +326,21 @@ async def _event_stream(request: Request, job_id: str, last_id: str) -> AsyncIte
                 quiet_since = time.monotonic()
 
 
-def _valid_event_id(value: str | None) -> str:
-    """A Redis stream id ``ms-seq`` or ``"0"`` (from the start)."""
-    if value:
-        ms, _, seq = value.strip().partition("-")
-        if ms.isdigit() and seq.isdigit():
-            return value.strip()
-    return "0"
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_STREAM_ID_MAX = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit integer
+
+
+def _event_id(value: str | None, field: str) -> str | None:
+    """``value`` if it is an event id this API could have sent (``<ms>-<seq>``, both below 2^64), None when
+    absent or empty; anything else raises ``RequestInvalid`` naming ``field`` (never a silent replay from the
+    start, never an id Redis would refuse)."""
+    if not value:
+        return None
+    match = _EVENT_ID.fullmatch(value)
+    if match is None or max(int(match[1]), int(match[2])) > _STREAM_ID_MAX:
+        raise RequestInvalid(field, f"must be the id of an event of this stream, <ms>-<seq> with two integers "
+                                    f"below 2^64 (got {value[:48]!r}); leave it out to replay from the start")
+    return value
 
 
 class _CountedStream(StreamingResponse):
@@ -330,38 +381,56 @@ def _take_stream_slot(request: Request) -> Callable[[], None]:
     return release
 
 
+_LAST_EVENT_ID = ("replay the events after this one: an event id of this stream (<ms>-<seq>); leave it out to "
+                  "replay from the start, anything else is 422")
+
+
 @jobs.get("/jobs/{job_id}/events", response_class=StreamingResponse,
           responses={200: {"content": {"text/event-stream": {}},
                            "description": "SSE: queued, running, progress, frame, then succeeded|failed|canceled"},
-                     **responses(401, 403, 404, 429, 503)})
-async def job_events(job_id: str, request: Request) -> StreamingResponse:
+                     **responses(401, 403, 404, 422, 429, 503)})
+async def job_events(
+    job_id: str, request: Request, who: Who,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", description=_LAST_EVENT_ID)] = None,
+    last_event_id: Annotated[str | None, Query(description=_LAST_EVENT_ID + " (for clients that cannot set the "
+                                                                             "header; the header wins)")] = None,
+) -> StreamingResponse:
     """Server-Sent Events of a job. Each event's id is its Redis stream id; reconnecting with
-    ``Last-Event-ID`` replays what was missed. The stream closes after the terminal event. A client may hold
-    ``DDPM_MAX_SSE_PER_CLIENT`` streams at a time (429 beyond)."""
+    ``Last-Event-ID`` replays what was missed (an id that is not an event id is 422). The stream closes after the
+    terminal event. A client may hold ``DDPM_MAX_SSE_PER_CLIENT`` streams at a time (429 beyond)."""
     store: JobStore = request.app.state.store
-    await anyio.to_thread.run_sync(_get_job, store, job_id)  # 404 / 503 before the stream starts
-    last_id = _valid_event_id(request.headers.get("last-event-id") or request.query_params.get("last_event_id"))
+    last_id = (_event_id(last_event_id_header, "Last-Event-ID") if last_event_id_header
+               else _event_id(last_event_id, "last_event_id")) or "0"
+    await anyio.to_thread.run_sync(_get_job, store, job_id, who)  # 404 / 503 before the stream starts
     release = _take_stream_slot(request)
     return _CountedStream(_event_stream(request, job_id, last_id), release)
 
 
 @info.get("/models", response_model=ModelsView, responses=responses(401, 403))
-def list_models(request: Request) -> ModelsView:
-    """The checkpoints this service serves, with their metadata; the first is the default."""
+def list_models(request: Request, store: Store) -> ModelsView:
+    """The checkpoints this service serves, with their metadata and how many live workers serve each; the first
+    is the default."""
     catalog: ModelCatalog = request.app.state.catalog
-    return ModelsView(default=catalog.default, models=catalog.info())
+    try:
+        workers: dict[str, int] | None = live_workers_per_model(store, list(catalog.files))
+    except StoreUnavailable:
+        workers = None
+    return ModelsView(default=catalog.default, models=catalog.info(workers))
 
 
 @info.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}},
                                                           **responses(401, 403)})
-def prometheus_metrics(store: Store) -> Response:
-    """Prometheus metrics of the API process (queue depth and outstanding jobs sampled now)."""
+def prometheus_metrics(request: Request, store: Store) -> Response:
+    """Prometheus metrics of the API process (queue depth, outstanding jobs and live workers per model sampled
+    now)."""
     try:
         queued = store.queue_length()
         metrics.QUEUE_DEPTH.set(queued)
         metrics.JOBS_OUTSTANDING.set(queued + store.running_count())
+        for model, count in live_workers_per_model(store, list(request.app.state.catalog.files)).items():
+            metrics.LIVE_WORKERS.labels(model).set(count)
     except StoreUnavailable:
-        log.warning("queue depth not sampled: redis unavailable")
+        log.warning("queue depth and workers not sampled: redis unavailable")
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -373,15 +442,16 @@ def healthz() -> dict[str, str]:
 
 @health.get("/readyz", response_model=ReadyView, responses=responses(503))
 def readyz(request: Request, store: Store) -> ReadyView:
-    """Ready when Redis answers and a worker serving the default model sent a heartbeat recently."""
-    default = request.app.state.catalog.default
+    """Ready when the job store (Redis) answers: the API can take, queue and show jobs. Whether a live worker
+    serves the default model is said beside it (``worker``), not as unreadiness: without one, jobs wait in the
+    queue. Needs no key and says nothing more (no worker names, hosts or devices)."""
     store.ping()
-    workers = store.live_workers(WORKER_MAX_AGE_SECONDS)
-    serving = [w for w in workers if default in (w.get("models") or [])]
-    if not serving:
-        raise ApiError(503, "not_ready", f"no live worker serves the default model {default!r} "
-                                         f"(heartbeat within {WORKER_MAX_AGE_SECONDS:.0f} s)")
-    return ReadyView(status="ready", workers=serving)
+    default = request.app.state.catalog.default
+    if live_workers_per_model(store, [default])[default]:
+        return ReadyView(status="ready", worker="serving", message="a worker serves the default model")
+    return ReadyView(status="ready", worker="none",
+                     message=f"no worker has served the default model in the last {WORKER_MAX_AGE_SECONDS:.0f} s; "
+                             "jobs are accepted and wait in the queue until one does")
 
 
 def _document_limits(app: FastAPI, limits: Limits, models: list[str]) -> None:
@@ -430,21 +500,24 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
             app.state.event_store.redis.close()
 
     app = FastAPI(title="DDPM generation service", version="0.1.0", lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None,  # added by _add_docs, behind the key
                   description="Generate images with DDPM checkpoints; watch x0-hat frames as they denoise.\n\n"
                               "Errors: `{\"error\": {\"code\", \"message\"}}`.")
-    app.state.key_digests = key_digests(settings.api_keys)  # the app keeps the keys' digests only
-    app.state.settings = settings.model_copy(update={"api_keys": []})
+    app.state.keys = ApiKeys(settings.api_keys, settings.admin_api_keys)  # the app keeps the keys' digests only
+    app.state.refused_keys = RefusedKeys(settings.auth_failures_per_minute)
+    app.state.settings = settings.model_copy(update={"api_keys": [], "admin_api_keys": []})
     app.state.catalog = ModelCatalog(settings.checkpoints)
     app.state.limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps,
                               settings.max_frames_per_job)
     app.state.sse_open = {}  # client id -> SSE streams open now (this process)
     app.state.sse_keepalive_s, app.state.sse_block_ms = sse_keepalive_s, sse_block_ms
     # Without keys the routes are open and the OpenAPI schema declares no security.
-    protected = [Depends(require_key)] if settings.api_keys else []
+    protected = [Depends(require_key)] if app.state.keys.enabled else []
     protected.append(Depends(rate_limit))  # a no-op unless rate_limit_per_minute is set
     app.include_router(jobs, dependencies=protected)
     app.include_router(info, dependencies=protected)
     app.include_router(health)
+    _add_docs(app, protected)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -459,7 +532,27 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
                            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Last-Event-ID"],
                            expose_headers=["Location", "Retry-After"])
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(ClientAddressMiddleware, trusted=TrustedProxies(settings.trusted_proxies))  # outermost
     return app
+
+
+def _add_docs(app: FastAPI, dependencies: list[Any]) -> None:
+    """``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc``, behind the same key as the API when keys are on."""
+    docs = APIRouter(include_in_schema=False, dependencies=dependencies)
+
+    @docs.get("/openapi.json")
+    def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @docs.get("/docs")
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @docs.get("/redoc")
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+    app.include_router(docs)
 
 
 # ---- `ddpm serve` ------------------------------------------------------------------------------------------
@@ -494,8 +587,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"ddpm serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level)
-    app = create_app(settings)
-    host, port, level = settings.host, settings.port, settings.log_level.lower()
+    config = server_config(create_app(settings), settings)
     del settings  # holds the plain API keys; the app has their digests
-    uvicorn.run(app, host=host, port=port, log_level=level, timeout_graceful_shutdown=5)
-    return 0
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 3  # 3: could not start (e.g. the port is taken), as uvicorn.run exits

@@ -18,6 +18,7 @@ __all__ = [
     "JOBS_SUBMITTED",
     "JOB_QUEUE_WAIT",
     "JOB_RUN_DURATION",
+    "LIVE_WORKERS",
     "QUEUE_DEPTH",
     "STEP_BATCH_SIZE",
     "STEP_DURATION",
@@ -40,6 +41,8 @@ JOBS_SUBMITTED = Counter("ddpm_jobs_submitted_total", "Jobs accepted by POST /ge
 QUEUE_DEPTH = Gauge("ddpm_queue_depth", "Jobs waiting in the queue (sampled at scrape time).")
 JOBS_OUTSTANDING = Gauge("ddpm_jobs_outstanding", "Jobs waiting in the queue or running on a worker (sampled at "
                          "scrape time); the worker autoscaler (k8s/keda) sizes the workers by it.")
+LIVE_WORKERS = Gauge("ddpm_live_workers", "Workers with a recent heartbeat serving each configured model (sampled at "
+                     "scrape time); 0 for the default model: jobs are accepted but wait.", ["model"])
 
 # ---- worker ------------------------------------------------------------------------------------------------
 JOBS_FINISHED = Counter("ddpm_jobs_finished_total", "Jobs that reached a terminal state.", ["model", "status"])

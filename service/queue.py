@@ -7,7 +7,8 @@ all expiring after the job TTL:
 =====================================  =================================================================
 ``ddpm:job:{id}``                      hash: status, model, request (JSON), num_images, total, step, t,
                                        num_frames, seeds (JSON), error (JSON), created_at/started_at/ended_at
-                                       (epoch seconds), worker, attempt
+                                       (epoch seconds), worker, attempt, owner (SHA-256 hex of the API key that
+                                       submitted it; empty while keys are off)
 ``ddpm:job:{id}:frames``               list of JSON ``{"index", "step", "t"}``, one per x0-hat frame
 ``ddpm:job:{id}:frame:{n}``            PNG bytes of frame n (a grid when the job has several images)
 ``ddpm:job:{id}:image:{i}``            PNG bytes of final image i
@@ -17,7 +18,8 @@ all expiring after the job TTL:
 ``ddpm:workers``                       sorted set: worker name -> last heartbeat (epoch seconds)
 ``ddpm:worker:{name}``                 JSON about a live worker (models, device), expiring with its heartbeat
 ``ddpm:reaper``                        short lock: one worker at a time reaps jobs of dead workers
-``ddpm:ratelimit:{client}:{window}``   the API's request count of a client (key digest) in a one-minute window
+``ddpm:ratelimit:{client}:{window}``   the API's count of a client's requests (or refused keys) in a one-minute
+                                       window; ``client`` is an opaque id (a key digest prefix or an address)
 =====================================  =================================================================
 
 RQ jobs are enqueued with ``Retry(max=max_retries)`` (default 1): the run after a worker died mid-job. The worker
@@ -165,8 +167,9 @@ class JobStore:
 
     # ---- API side ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], model: str, *, num_images: int, total_steps: int,
-               seeds: Sequence[int], max_queue_length: int, retry_after: int = 5) -> str:
-        """Create the job record, its ``queued`` event and the RQ job. Raises ``QueueFull``."""
+               seeds: Sequence[int], max_queue_length: int, retry_after: int = 5, owner: str | None = None) -> str:
+        """Create the job record, its ``queued`` event and the RQ job. ``owner``: the submitting API key's digest
+        (hex), kept on the record. Raises ``QueueFull``."""
         with _translate_errors():
             length = self.queue_length()
             if length >= max_queue_length:
@@ -177,7 +180,7 @@ class JobStore:
             pipe.hset(_k(job_id), mapping={
                 "status": JobState.QUEUED.value, "model": model, "request": json.dumps(request),
                 "num_images": num_images, "total": total_steps, "step": 0, "t": -1, "num_frames": 0,
-                "seeds": json.dumps(list(seeds)), "created_at": now, "attempt": 0,
+                "seeds": json.dumps(list(seeds)), "created_at": now, "attempt": 0, "owner": owner or "",
             })
             pipe.expire(_k(job_id), self.ttl)
             self._add_event(pipe, job_id, "queued", {"status": "queued"})
@@ -199,7 +202,7 @@ class JobStore:
             return None
         rec = {_s(k): _s(v) for k, v in raw.items()}
         out: dict[str, Any] = {"id": job_id, "status": rec.get("status"), "model": rec.get("model"),
-                               "worker": rec.get("worker")}
+                               "worker": rec.get("worker"), "owner": rec.get("owner") or None}
         for name in ("request", "seeds", "error"):
             out[name] = json.loads(rec[name]) if rec.get(name) else None  # type: ignore[arg-type]
         for name in ("num_images", "total", "step", "t", "num_frames", "attempt"):

@@ -204,7 +204,7 @@ class JobView(BaseModel):
     model: str | None
     request: dict[str, Any] | None
     progress: Progress
-    queue_position: int | None = Field(description="0 = next to run; null unless queued")
+    queue_position: int | None = Field(description="1 = the next job a worker takes; null unless queued")
     frames: list[FrameView]
     images: list[ImageView] = Field(description="final images, only once succeeded")
     error: ErrorDetail | None
@@ -220,6 +220,8 @@ class ModelInfo(BaseModel):
     name: str
     default: bool
     available: bool = Field(description="false when the checkpoint file cannot be read by the API")
+    workers: int | None = Field(None, description="live workers serving this model now (0: its jobs wait in the "
+                                                  "queue until one starts); null when the job store is unreachable")
     image_size: int | None = None
     channels: int | None = None
     num_timesteps: int | None = None
@@ -235,5 +237,10 @@ class ModelsView(BaseModel):
 
 
 class ReadyView(BaseModel):
+    """``/readyz`` (no key needed): ready when the job store answers; whether a worker serves the default model,
+    and nothing more."""
+
     status: Literal["ready"]
-    workers: list[dict[str, Any]]
+    worker: Literal["serving", "none"] = Field(description="none: no live worker serves the default model; jobs "
+                                                           "are accepted and wait in the queue")
+    message: str

@@ -6,6 +6,7 @@ Every field is settable as ``DDPM_<FIELD>`` (e.g. ``DDPM_REDIS_URL``); the CLI f
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -59,7 +60,17 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                      description="comma-separated; empty = no auth")
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated keys that also see and cancel every key's jobs")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="addresses or CIDR networks of reverse proxies whose X-Forwarded-For "
+                                          "names the client; empty (default): the header is ignored and the "
+                                          "client is the connection's peer")
+    header_timeout_seconds: float = Field(10.0, gt=0, le=600, description="a request's line and headers must "
+                                                                          "arrive within this; else 408, closed")
+    body_timeout_seconds: float = Field(30.0, gt=0, le=3600, description="a request's body must arrive within "
+                                                                         "this once its headers did; else closed")
 
     # Worker process
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -84,6 +95,8 @@ class Settings(BaseSettings):
                                                          "address) in one API process; 429 beyond")
     rate_limit_per_minute: int = Field(0, ge=0, description="requests per minute per API key (per client address "
                                                             "when no keys are set), counted in Redis; 0 = off")
+    auth_failures_per_minute: int = Field(30, ge=0, description="401/403 answers per client address and minute "
+                                                                "before that address gets 429; 0 = off")
 
     # Lifetimes (seconds)
     job_ttl_seconds: int = Field(24 * 3600, ge=60, description="how long job records, frames and images live")
@@ -99,12 +112,23 @@ class Settings(BaseSettings):
             raise ValueError("at least one checkpoint NAME=FILE is needed")
         return parsed
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _csv(cls, v: object) -> list[str]:
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return list(v)  # type: ignore[call-overload]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted proxy {item!r} is not an IP address or CIDR network "
+                                 "(e.g. 10.0.0.0/8)") from None
+        return v
 
     @property
     def default_model(self) -> str:

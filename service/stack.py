@@ -11,6 +11,7 @@ which then stops them in order. This module knows process management only; the c
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -109,9 +110,9 @@ class Stack:
                 raise StackError(f"the {dead} exited with status {self.children[dead].returncode} while starting")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and json.load(r).get("worker") == "serving":
                         return
-            except (urllib.error.URLError, OSError):
+            except (urllib.error.URLError, OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise StackError(f"not ready after {timeout:.0f} s (see {self.url}/readyz)")

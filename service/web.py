@@ -1,21 +1,30 @@
-"""HTTP plumbing of the API: the one error shape and its handlers, API-key auth, the body-size limit and the
-request metrics middleware. ``service.api`` wires these into the app; this module knows no routes and no Redis
-keys (it maps ``StoreUnavailable`` and ``QueueFull`` from ``service.queue`` to 503 and 429).
+"""HTTP plumbing of the API: the one error shape and its handlers, who the client is (address, API key, the
+jobs it may see), the per-client limits, the body-size limit and the request metrics middleware. ``service.api``
+wires these into the app; this module knows no routes and no Redis keys (it maps ``StoreUnavailable`` and
+``QueueFull`` from ``service.queue`` to 503 and 429).
 
     ApiError(status, code, message)  -> {"error": {"code", "message"}} with that status
     RequestValidationError, RequestInvalid -> 422 invalid_request (the field and its allowed range or values)
     StarletteHTTPException           -> its status (404 unknown route, 405 with every allowed method, 400 unreadable
                                         body)
     StoreUnavailable -> 503 store_unavailable (Retry-After)      QueueFull -> 429 queue_full (Retry-After)
-    rate_limit (per key and minute, counted in Redis) -> 429 rate_limited (Retry-After)
+    rate_limit (per client and minute, counted in Redis) -> 429 rate_limited (Retry-After)
+    require_key: no key 401, wrong key 403; too many of both from one address in a minute -> 429 rate_limited
+
+Who the client is, for every per-client limit, comes from ``client_id``: the API key's digest once the key was
+accepted, else the client's address. The address is the connection's peer, or, when the peer is a proxy listed
+in ``DDPM_TRUSTED_PROXIES``, the right-most address of ``X-Forwarded-For`` that is not a trusted proxy
+(``client_address``; ``ClientAddressMiddleware`` puts it into the request's scope, so logs show it too).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -30,13 +39,18 @@ from service import metrics
 from service.queue import QueueFull, StoreUnavailable
 from service.schemas import ErrorBody, GenerateRequest, Limits, RequestInvalid
 
-__all__ = ["ApiError", "BodyLimitMiddleware", "MetricsMiddleware", "allowed_methods", "client_id", "error_response",
-           "install_error_handlers", "key_digests", "rate_limit", "require_key", "responses"]
+__all__ = ["HTTP_METHODS", "OPEN", "ApiError", "ApiKeys", "BodyLimitMiddleware", "Caller", "ClientAddressMiddleware",
+           "MetricsMiddleware", "RefusedKeys", "TrustedProxies", "allowed_methods", "caller", "client_address",
+           "client_id", "error_response", "install_error_handlers", "rate_limit", "request_labels", "require_key",
+           "responses"]
 
 log = logging.getLogger(__name__)
 STORE_RETRY_AFTER = 2  # seconds suggested to clients when Redis is unreachable
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          410: "expired", 413: "body_too_large", 422: "invalid_request", 429: "queue_full", 503: "unavailable"}
+          408: "request_timeout", 410: "expired", 413: "body_too_large", 422: "invalid_request", 429: "queue_full",
+          503: "unavailable"}
+# Methods that get their own label in the request metrics; any other (clients may invent them) is "other".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
 class ApiError(Exception):
@@ -91,8 +105,17 @@ class BodyLimitMiddleware:
         return await self.app(scope, replay, send)
 
 
+def request_labels(scope: Scope, status: int) -> tuple[str, str, str]:
+    """The metric labels of a request, each from a closed set whatever the client sends: the method (one of
+    ``HTTP_METHODS``, else ``other``), the route template that answered (``unmatched`` when none did; never the
+    raw path) and the status code the app chose."""
+    method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    return method, route, str(status)
+
+
 class MetricsMiddleware:
-    """Request count and latency by method, route template (never the raw path) and status."""
+    """Request count and latency by method, route template and status (``request_labels``)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -111,44 +134,200 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            labels = (scope["method"], route, str(status))
+            labels = request_labels(scope, status)
             metrics.HTTP_REQUESTS.labels(*labels).inc()
             metrics.HTTP_REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - start)
 
 
-# ---- auth --------------------------------------------------------------------------------------------------
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (when DDPM_API_KEYS is set)")
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY (alternative)")
+# ---- who is asking -----------------------------------------------------------------------------------------
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as proxies write it in X-Forwarded-For (``1.2.3.4``, ``1.2.3.4:567``, ``::1``, ``[::1]:567``)."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
-def require_key(request: Request,
-                 bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-                 api_key: Annotated[str | None, Depends(_api_key)]) -> None:
-    """When API keys are configured, the request needs one: 401 when none is given, 403 when it is wrong."""
-    digests: list[bytes] = request.app.state.key_digests
-    if not digests:
-        return
-    given = bearer.credentials if bearer is not None else api_key
-    if not given:
-        raise ApiError(401, "unauthorized", "an API key is needed: send 'Authorization: Bearer KEY' or "
-                                            "'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
-    digest = hashlib.sha256(given.encode()).digest()
-    matched = False
-    for known in digests:  # no early exit: the time taken does not depend on which key matched
-        matched |= hmac.compare_digest(digest, known)
-    if not matched:
-        raise ApiError(403, "forbidden", "the API key is not valid")
-    request.state.client_id = "key-" + digest.hex()[:16]  # names the key's digest, never the key
+class TrustedProxies:
+    """The reverse proxies whose ``X-Forwarded-For`` is believed (``DDPM_TRUSTED_PROXIES``: addresses or CIDR
+    networks). Empty: no proxy is trusted and the header is ignored."""
+
+    def __init__(self, entries: list[str]):
+        self.networks = [ipaddress.ip_network(e, strict=False) for e in entries]
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, host: str) -> bool:
+        ip = _ip(host)
+        return ip is not None and any(ip in net for net in self.networks)
+
+
+def client_address(scope: Scope, trusted: TrustedProxies) -> str:
+    """The client's address. The connection's peer, unless the peer is a trusted proxy: then the right-most
+    address of ``X-Forwarded-For`` that is not itself a trusted proxy (each proxy appends the address it got the
+    request from, so what lies left of that was written by the client and may be forged). An entry that is not
+    an address stops the walk at the proxy that passed it on."""
+    peer = scope["client"][0] if scope.get("client") else "unknown"
+    if not trusted.trusts(peer):
+        return peer
+    hops = [h for name, value in scope["headers"] if name == b"x-forwarded-for"
+            for h in value.decode("latin-1").split(",")]
+    client = peer
+    for hop in reversed(hops):
+        ip = _ip(hop)
+        if ip is None:
+            break
+        client = str(ip)
+        if not trusted.trusts(client):
+            break
+    return client
+
+
+class ClientAddressMiddleware:
+    """Puts the client's address (``client_address``) into ``scope["client"]``, in place, so the app, its
+    limits and uvicorn's access log all see the same one. A no-op without trusted proxies."""
+
+    def __init__(self, app: ASGIApp, trusted: TrustedProxies):
+        self.app, self.trusted = app, trusted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.trusted and scope["type"] in ("http", "websocket"):
+            host = client_address(scope, self.trusted)
+            if scope.get("client") is None or host != scope["client"][0]:
+                scope["client"] = (host, 0)
+        await self.app(scope, receive, send)
 
 
 def client_id(request: Request) -> str:
-    """Who is asking, for per-client limits: the API key's digest prefix once ``require_key`` passed, else
-    the client's address."""
+    """Who is asking, for every per-client limit (SSE streams, requests per minute, failed keys): the API key's
+    digest prefix once ``require_key`` accepted it, else the client's address."""
     known = getattr(request.state, "client_id", None)
     if known:
         return str(known)
     return "addr-" + (request.client.host if request.client else "unknown")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whom a request acts for: ``key`` is its API key's SHA-256 digest (hex; None while keys are off), the
+    owner recorded on the jobs it submits; ``admin`` sees every job."""
+
+    key: str | None
+    admin: bool
+
+    def may_see(self, owner: str | None) -> bool:
+        """A job is seen by the key that created it and by admin keys (every caller while keys are off)."""
+        return self.admin or (owner is not None and owner == self.key)
+
+
+OPEN = Caller(key=None, admin=True)  # keys are off: everything is open
+_NOBODY = Caller(key=None, admin=False)
+
+
+class ApiKeys:
+    """The configured API keys (``DDPM_API_KEYS``) and admin keys (``DDPM_ADMIN_API_KEYS``), kept as SHA-256
+    digests only."""
+
+    def __init__(self, keys: list[str], admin_keys: list[str]):
+        self._digests = [(hashlib.sha256(k.encode()).digest(), False) for k in keys]
+        self._digests += [(hashlib.sha256(k.encode()).digest(), True) for k in admin_keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def match(self, given: str) -> Caller | None:
+        """The caller for key ``given``, or None. Compares against every key (``hmac.compare_digest``, no early
+        exit): the time taken does not depend on which key matched."""
+        digest = hashlib.sha256(given.encode()).digest()
+        found: Caller | None = None
+        for known, admin in self._digests:
+            if hmac.compare_digest(digest, known) and found is None:
+                found = Caller(key=digest.hex(), admin=admin)
+        return found
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (when DDPM_API_KEYS is set)")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY (alternative)")
+class RefusedKeys:
+    """Requests refused for a missing or wrong key (401/403), per client address and one-minute window: counted
+    in Redis (shared by every API replica); an address that reaches ``budget`` in a window is remembered in this
+    process as blocked until the window ends. So accepted keys cost no extra Redis round-trip, and across N
+    replicas an address gets at most ``budget + N - 1`` answers per minute that tell a right key from a wrong one.
+    Counting fails open while Redis is unreachable (the key is still checked)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._blocked: dict[str, float] = {}  # client id -> monotonic end of its blocked window
+
+    def blocked_for(self, who: str) -> int:
+        """Seconds ``who`` stays blocked (0: not blocked)."""
+        until = self._blocked.get(who)
+        if until is None:
+            return 0
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._blocked[who]
+            return 0
+        return max(1, round(left))
+
+    def refused(self, store: Any, who: str) -> None:
+        """Count one refusal of ``who``; block it when it reaches the budget."""
+        try:
+            count, left = store.count_request("authfail-" + who)
+        except StoreUnavailable:
+            return
+        if count >= self.budget:
+            now = time.monotonic()
+            self._blocked = {w: t for w, t in self._blocked.items() if t > now}  # forget finished windows
+            self._blocked[who] = now + left
+
+
+def _refused(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+             ) -> ApiError:
+    refused: RefusedKeys = request.app.state.refused_keys
+    if refused.budget > 0:
+        refused.refused(request.app.state.store, client_id(request))
+    return ApiError(status, code, message, headers)
+
+
+def require_key(request: Request,
+                bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                api_key: Annotated[str | None, Depends(_api_key)]) -> None:
+    """When API keys are configured, the request needs one: 401 when none is given, 403 when it is wrong. An
+    address with ``auth_failures_per_minute`` such answers in the current minute gets 429 ``rate_limited`` for
+    every request until the minute ends, whatever key it sends (so guessing learns nothing meanwhile)."""
+    keys: ApiKeys = request.app.state.keys
+    if not keys.enabled:
+        return
+    blocked = request.app.state.refused_keys.blocked_for(client_id(request))
+    if blocked:
+        raise ApiError(429, "rate_limited", "too many requests with a missing or wrong API key from this address; "
+                                            f"retry in {blocked} s", headers={"Retry-After": str(blocked)})
+    given = bearer.credentials if bearer is not None else api_key
+    if not given:
+        raise _refused(request, 401, "unauthorized", "an API key is needed: send 'Authorization: Bearer KEY' or "
+                                                     "'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
+    who = keys.match(given)
+    if who is None:
+        raise _refused(request, 403, "forbidden", "the API key is not valid")
+    request.state.caller = who
+    request.state.client_id = "key-" + (who.key or "")[:16]  # names the key's digest, never the key
+
+
+def caller(request: Request) -> Caller:
+    """Whom the request acts for (set by ``require_key``): ``OPEN`` while keys are off; a route that skipped
+    ``require_key`` while keys are on sees no job."""
+    known = getattr(request.state, "caller", None)
+    if isinstance(known, Caller):
+        return known
+    return OPEN if not request.app.state.keys.enabled else _NOBODY
 
 
 def rate_limit(request: Request) -> None:
@@ -228,8 +407,3 @@ def allowed_methods(request: Request) -> list[str]:
         if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
             allowed.append(method)
     return allowed
-
-
-def key_digests(keys: list[str]) -> list[bytes]:
-    """The SHA-256 digests of the API keys: the only form in which the app keeps them."""
-    return [hashlib.sha256(k.encode()).digest() for k in keys]

@@ -51,8 +51,27 @@ async function loadModels() {
   }
 }
 
+function showWorkers() {
+  // GET /models says how many live workers serve each model; none is not an error: jobs wait in the queue.
+  const m = models[$("model").value];
+  const none = Boolean(m) && m.workers === 0;
+  $("workers").hidden = !none;
+  $("workers").textContent = none
+    ? `No worker is serving ${m.name} right now: jobs are accepted and wait in the queue until one starts.` : "";
+  document.body.dataset.workers = !m || m.workers == null ? "unknown" : none ? "none" : "serving";
+}
+
+async function refreshWorkers() {
+  try {
+    const data = await api("GET", "/models");
+    for (const m of data.models) if (models[m.name]) models[m.name].workers = m.workers;
+    showWorkers();
+  } catch (e) { /* shown by the next action that needs the server */ }
+}
+
 function onModelChange() {
   const m = models[$("model").value];
+  showWorkers();
   if (!m || !m.available) return;
   $("steps").max = m.num_timesteps;
   if (Number($("steps").value) > m.num_timesteps) $("steps").value = m.num_timesteps;
@@ -160,7 +179,7 @@ async function poll() {
   try {
     const view = await api("GET", `/jobs/${job.id}?since=${job.lastFrame}&inline=1`);
     view.frames.forEach(addFrame);
-    if (view.status === "queued") setStatus("queued", `position ${view.queue_position ?? "?"} in the queue`);
+    if (view.status === "queued") setStatus("queued", `number ${view.queue_position ?? "?"} in the queue (1 = next)`);
     else if (view.status === "running") showProgress(view.progress);
     if (TERMINAL.has(view.status)) return finish(view.status);
   } catch (e) {
@@ -219,3 +238,4 @@ $("model").addEventListener("change", onModelChange);
 $("api_key").value = localStorage.getItem("ddpm_api_key") || "";
 $("api_key").addEventListener("change", () => { localStorage.setItem("ddpm_api_key", apiKey()); loadModels(); });
 loadModels().then(() => { if (applyQuery()) submit(); });
+setInterval(refreshWorkers, 10000);

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 
+# The real-process fixtures of tests/service (redis-server, the API under uvicorn, worker processes).
+from tests.service.conftest import make_api, redis_server, redis_url, tiny_checkpoint, worker_process  # noqa: F401
+
 _ROWS: list[tuple[str, str, str, str, bool]] = []  # (test, attack, expected, observed, ok)
 
 

@@ -56,16 +56,18 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---- the API over HTTP (added with service.api) -------------------------------------------------------------
 class ApiServer:
-    """The real app served by uvicorn in a background thread on a free port."""
+    """The real app served by uvicorn in a background thread on a free port, configured as ``ddpm serve``
+    configures it (``service.http_server.server_config``)."""
 
     def __init__(self, settings: Settings, **app_kwargs: object):
         from service.api import create_app
+        from service.http_server import server_config
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = settings
-        config = uvicorn.Config(create_app(settings, **app_kwargs), host="127.0.0.1", port=self.port,  # type: ignore[arg-type]
-                                log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+        config = server_config(create_app(settings, **app_kwargs), settings, host="127.0.0.1",  # type: ignore[arg-type]
+                               port=self.port, log_level="warning", timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -69,7 +69,7 @@ def test_generate_accepts_and_resolves_every_default(api_server: ApiServer) -> N
     assert req["steps"] == 40 and req["num_images"] == 1 and req["model"] == "tiny"  # the tiny model's T
     assert req["sampler"] == "ddpm" and req["eta"] == 0.0 and req["variance"] == "fixedlarge"
     assert req["preview_every"] == 2 and 0 <= req["seed"] < 2**31  # ceil(40 / 20): about 20 frames
-    assert job["status"] == "queued" and job["queue_position"] == 0 and job["images"] == []
+    assert job["status"] == "queued" and job["queue_position"] == 1 and job["images"] == []  # 1 = next to run
     assert job["progress"] == {"step": 0, "total": 40, "t": None}
     assert job["created_at"].endswith("Z") and job["started_at"] is None
 
@@ -233,7 +233,7 @@ def test_cancel_a_running_job_asks_its_worker(api_server: ApiServer) -> None:
 def test_queue_positions(api_server: ApiServer) -> None:
     ids = [_submit(api_server, steps=1) for _ in range(3)]
     positions = [httpx.get(f"{api_server.url}/jobs/{i}").json()["queue_position"] for i in ids]
-    assert positions == [0, 1, 2]
+    assert positions == [1, 2, 3]
 
 
 def test_models_and_an_unreadable_checkpoint(make_api: Callable[..., ApiServer], tiny_checkpoint: Any,
@@ -251,21 +251,29 @@ def test_models_and_an_unreadable_checkpoint(make_api: Callable[..., ApiServer],
     assert httpx.post(f"{api.url}/generate", json={"model": "later", "steps": 1}).status_code == 202
 
 
-def test_readyz_needs_a_live_worker_with_the_default_model(api_server: ApiServer) -> None:
-    message = _error(httpx.get(f"{api_server.url}/readyz"), 503, "not_ready")
-    assert "'tiny'" in message
+def test_readyz_is_ready_with_its_store_and_says_whether_a_worker_serves(api_server: ApiServer) -> None:
+    r = httpx.get(f"{api_server.url}/readyz")  # no worker: still ready (jobs are accepted and queued)
+    assert r.status_code == 200 and r.json()["status"] == "ready" and r.json()["worker"] == "none"
+    assert "wait in the queue" in r.json()["message"]
+    assert httpx.post(f"{api_server.url}/generate", json={"steps": 1}).status_code == 202
     store = _store(api_server)
     store.heartbeat("other", {"name": "other", "models": ["other"], "device": "cpu"})
-    _error(httpx.get(f"{api_server.url}/readyz"), 503, "not_ready")
-    store.heartbeat("w1", {"name": "w1", "models": ["tiny"], "device": "cpu", "max_batch_size": 8})
+    assert httpx.get(f"{api_server.url}/readyz").json()["worker"] == "none"  # not the default model
+    store.heartbeat("w1", {"name": "w1", "models": ["tiny"], "device": "cpu", "max_batch_size": 8, "pid": 4242,
+                           "host": "gpu-node-7"})
     r = httpx.get(f"{api_server.url}/readyz")
-    assert r.status_code == 200 and [w["name"] for w in r.json()["workers"]] == ["w1"]
+    assert r.status_code == 200 and r.json() == {"status": "ready", "worker": "serving",
+                                                 "message": "a worker serves the default model"}
+    assert [(m["name"], m["workers"]) for m in httpx.get(f"{api_server.url}/models").json()["models"]] == [
+        ("tiny", 1)]
+    metrics = httpx.get(f"{api_server.url}/metrics").text
+    assert _sample(metrics, "ddpm_live_workers", model="tiny") == 1
 
 
 def test_api_keys(make_api: Callable[..., ApiServer]) -> None:
-    api = make_api(api_keys=["s3cret", "other-key"])
+    api = make_api(api_keys=["s3cret", "other-key"], admin_api_keys=["admin-key"])
     assert httpx.get(f"{api.url}/healthz").status_code == 200
-    assert httpx.get(f"{api.url}/readyz").status_code == 503  # no worker, but no key needed either
+    assert httpx.get(f"{api.url}/readyz").status_code == 200  # no key needed
     assert httpx.get(f"{api.url}/").status_code == 200
     r = httpx.post(f"{api.url}/generate", json={"steps": 1})
     _error(r, 401, "unauthorized")
@@ -275,7 +283,9 @@ def test_api_keys(make_api: Callable[..., ApiServer]) -> None:
     _error(httpx.get(f"{api.url}/models", headers={"authorization": "Bearer s3cre"}), 403, "forbidden")
     r = httpx.post(f"{api.url}/generate", json={"steps": 1}, headers={"authorization": "Bearer s3cret"})
     assert r.status_code == 202
-    assert httpx.get(f"{api.url}{r.headers['location']}", headers={"x-api-key": "other-key"}).status_code == 200
+    assert httpx.get(f"{api.url}{r.headers['location']}", headers={"x-api-key": "s3cret"}).status_code == 200
+    assert httpx.get(f"{api.url}{r.headers['location']}", headers={"x-api-key": "admin-key"}).status_code == 200
+    _error(httpx.get(f"{api.url}{r.headers['location']}", headers={"x-api-key": "other-key"}), 404, "not_found")
 
 
 def test_without_keys_everything_is_open(api_server: ApiServer) -> None:

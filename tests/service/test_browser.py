@@ -22,6 +22,10 @@ from typing import Any
 
 import pytest
 
+from service.queue import JobStore, connect
+from service.redis_server import RedisServer
+from service.settings import Settings
+
 from .conftest import ApiServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -186,3 +190,23 @@ def test_page_with_an_api_key_polls_and_shows_errors(browser: Browser, api_with_
     message = browser.wait_for("document.getElementById('error').textContent")
     assert "num_images: must be between 1 and 16" in message and "422" in message
     browser.screenshot(tmp_path / "page-error.png")
+
+
+def test_page_says_when_no_worker_serves_the_model(browser: Browser, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # Its own Redis, no worker: the API is ready and takes jobs; the page says they will wait.
+    with RedisServer() as redis_server:
+        api = ApiServer(Settings(redis_url=redis_server.url, checkpoints={"tiny": str(tiny_checkpoint)})).start()
+        try:
+            browser.goto(api.url + "/")
+            browser.wait_for("document.body.dataset.workers === 'none'")
+            notice = browser.js("document.getElementById('workers')")
+            assert notice is not None and not browser.js("document.getElementById('workers').hidden")
+            text = browser.js("document.getElementById('workers').textContent")
+            assert "No worker is serving tiny" in text and "wait in the queue" in text
+            browser.screenshot(tmp_path / "page-no-worker.png")
+            JobStore(connect(redis_server.url)).heartbeat("w", {"name": "w", "models": ["tiny"], "device": "cpu"})
+            browser.js("refreshWorkers()")  # what the page does every 10 s
+            browser.wait_for("document.body.dataset.workers === 'serving'")
+            assert browser.js("document.getElementById('workers').hidden")
+        finally:
+            api.stop()

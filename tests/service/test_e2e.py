@@ -42,7 +42,8 @@ def _pixels(api: ApiServer, url: str) -> np.ndarray:
 
 def test_generate_poll_frames_in_order_then_images(shared_stack: tuple[ApiServer, WorkerProcess]) -> None:
     api_server = shared_stack[0]
-    assert httpx.get(f"{api_server.url}/readyz").status_code == 200
+    assert httpx.get(f"{api_server.url}/readyz").json() == {"status": "ready", "worker": "serving",
+                                                           "message": "a worker serves the default model"}
     job_id = _submit(api_server, num_images=2, steps=10, preview_every=3, seed=11)
     frames: list[dict[str, Any]] = []
     deadline = time.monotonic() + 60
@@ -89,7 +90,7 @@ def _sse(api: ApiServer, job_id: str, headers: dict[str, str] | None = None) -> 
                 if "event" in current:
                     events.append(current)
                 current = {}
-            elif not line.startswith(":"):
+            elif not line.startswith((":", "retry:")):  # comments; the reconnection delay (on the first event)
                 key, _, value = line.partition(": ")
                 current[key] = json.loads(value) if key == "data" else value
     return events

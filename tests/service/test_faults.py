@@ -169,8 +169,8 @@ def test_redis_away_mid_run_is_503_at_once_then_everything_resumes(make_api: Cal
         after = _submit(api, num_images=2, steps=4)
         job = _wait(api, after)
         assert job["status"] == "succeeded" and len(job["images"]) == 2
-        deadline = time.monotonic() + 30  # the worker's heartbeat returns: ready again
-        while httpx.get(f"{api.url}/readyz", timeout=5).status_code != 200:
+        deadline = time.monotonic() + 30  # ready again, and the worker's heartbeat returns
+        while httpx.get(f"{api.url}/readyz", timeout=5).json().get("worker") != "serving":
             assert time.monotonic() < deadline, "readyz never recovered"
             time.sleep(0.2)
     finally:
@@ -185,7 +185,7 @@ def test_queued_jobs_survive_a_redis_restart_with_append_only_persistence(make_a
     queued = [_submit(api, num_images=1 + i, steps=3, seed=i) for i in range(3)]  # no worker yet: all queued
     own_redis.stop()
     own_redis.start()  # a restart: the data comes back from the append-only file
-    assert [httpx.get(f"{api.url}/jobs/{j}").json()["queue_position"] for j in queued] == [0, 1, 2]
+    assert [httpx.get(f"{api.url}/jobs/{j}").json()["queue_position"] for j in queued] == [1, 2, 3]
     worker = _worker(own_redis.url, tiny_checkpoint, tmp_path, "after-restart")
     try:
         worker.wait_ready(own_redis.url)

@@ -8,6 +8,7 @@ Bounds on body size, num_images, steps, images x steps and malformed ids are in 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import shutil
 import time
@@ -18,9 +19,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import torch
 
-from service.queue import is_valid_job_id, new_job_id
+from model.images import png_bytes
+from service.queue import JobStore, connect, is_valid_job_id, new_job_id
 from service.schemas import frame_count
+from service.settings import Settings
+from service.web import TrustedProxies, client_address
 
 from .conftest import ApiServer
 
@@ -79,13 +84,14 @@ def test_sse_streams_per_client_are_bounded(make_api: Callable[..., ApiServer]) 
     alice, bob = {"x-api-key": "alice-key"}, {"x-api-key": "bob-key"}
     job_id = _submit(api, headers=alice, steps=2)  # stays queued: no worker here
     url = f"{api.url}/jobs/{job_id}/events"
+    bobs_url = f"{api.url}/jobs/{_submit(api, headers=bob, steps=2)}/events"
     with httpx.Client() as client, contextlib.ExitStack() as held:
         for _ in range(2):
             assert held.enter_context(_open_stream(client, url, alice)).status_code == 200
         third = client.get(url, headers=alice)
         _error(third, 429, "too_many_streams")
         assert int(third.headers["retry-after"]) >= 1
-        with _open_stream(client, url, bob) as other:  # another key has its own budget
+        with _open_stream(client, bobs_url, bob) as other:  # another key has its own budget
             assert other.status_code == 200
     # Closed streams give their slots back (the server notices within one read).
     deadline = time.monotonic() + 10
@@ -110,11 +116,12 @@ def test_rate_limit_per_key_in_redis_with_retry_after(make_api: Callable[..., Ap
     assert httpx.get(f"{api.url}/models", headers=bob).status_code == 200  # each key has its own count
     _error(httpx.get(f"{api.url}/models"), 401, "unauthorized")  # no key: 401 before any counting
     assert httpx.get(f"{api.url}/healthz").status_code == 200  # probes are never limited
-    # The count lives in Redis (shared by API replicas) under the key's digest, never the key.
+    # The count lives in Redis (shared by API replicas) under the key's digest, never the key (and the 401 above
+    # under the address, in the count of refused keys).
     client = redis.Redis.from_url(api.settings.redis_url)
     names = [k.decode() for k in client.scan_iter("ddpm:ratelimit:*")]
     client.close()
-    assert len(names) == 2 and not any("Secret9" in n for n in names)
+    assert len([n for n in names if ":key-" in n]) == 2 and not any("Secret9" in n for n in names)
 
 
 def test_rate_limit_without_keys_counts_per_address(make_api: Callable[..., ApiServer]) -> None:
@@ -202,3 +209,105 @@ def test_the_spec_names_the_served_models(api_server: ApiServer) -> None:
     props = httpx.get(f"{api_server.url}/openapi.json").json()["components"]["schemas"]["GenerateRequest"]
     options = props["properties"]["model"]["anyOf"]
     assert {"type": "string", "enum": ["tiny"]} in options
+
+
+# ---- whose job ---------------------------------------------------------------------------------------------
+def test_a_job_belongs_to_the_key_that_submitted_it(make_api: Callable[..., ApiServer]) -> None:
+    api = make_api(api_keys=["alice-key-0123456789", "bob-key-0123456789"], admin_api_keys=["admin-key-0123456789"])
+    alice, bob = {"x-api-key": "alice-key-0123456789"}, {"authorization": "Bearer bob-key-0123456789"}
+    admin = {"x-api-key": "admin-key-0123456789"}
+    finished, queued = _submit(api, headers=alice, steps=2), _submit(api, headers=alice, steps=2)
+    store = JobStore(connect(api.settings.redis_url))
+    store.start(finished, "w")
+    store.add_frame(finished, 0, 1, png_bytes(torch.zeros(3, 8, 8)))
+    store.succeed(finished, [png_bytes(torch.zeros(3, 8, 8))])
+    # The record names the key by its digest, never the key itself.
+    assert store.get(finished)["owner"] == hashlib.sha256(b"alice-key-0123456789").hexdigest()  # type: ignore[index]
+    unknown = _error(httpx.get(f"{api.url}/jobs/{'0' * 32}", headers=bob), 404, "not_found")
+    for job_id in (finished, queued):
+        for method, path in (("GET", ""), ("GET", "/frames/0.png"), ("GET", "/images/0.png"), ("GET", "/events"),
+                             ("DELETE", "")):
+            r = httpx.request(method, f"{api.url}/jobs/{job_id}{path}", headers=bob, timeout=10)
+            # Exactly what an unknown id gets: another key's job is not even shown to exist.
+            assert _error(r, 404, "not_found") == unknown.replace("0" * 32, job_id), (method, path)
+        assert httpx.get(f"{api.url}/jobs/{job_id}", headers=alice).status_code == 200
+        assert httpx.get(f"{api.url}/jobs/{job_id}", headers=admin).status_code == 200  # admin keys see all
+    assert httpx.get(f"{api.url}/jobs/{queued}", headers=alice).json()["status"] == "queued"  # bob's DELETE: no-op
+    assert httpx.get(f"{api.url}/jobs/{finished}/images/0.png", headers=alice).status_code == 200
+    with httpx.stream("GET", f"{api.url}/jobs/{finished}/events", headers=admin, timeout=10) as r:
+        assert r.status_code == 200 and "succeeded" in r.read().decode()
+    assert httpx.delete(f"{api.url}/jobs/{queued}", headers=admin).json()["status"] == "canceled"
+
+
+def test_docs_and_the_spec_need_a_key_when_keys_are_on(make_api: Callable[..., ApiServer]) -> None:
+    api = make_api(api_keys=["docs-key-0123456789"])
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        _error(httpx.get(api.url + path), 401, "unauthorized")
+        _error(httpx.get(api.url + path, headers={"x-api-key": "wrong-key-0123456789"}), 403, "forbidden")
+        assert httpx.get(api.url + path, headers={"x-api-key": "docs-key-0123456789"}).status_code == 200
+    open_api = make_api()
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(open_api.url + path).status_code == 200
+
+
+def test_readyz_says_ready_or_not_and_nothing_else(make_api: Callable[..., ApiServer]) -> None:
+    api = make_api(api_keys=["probe-key-0123456789"])
+    JobStore(connect(api.settings.redis_url)).heartbeat("gpu-worker-7", {
+        "name": "gpu-worker-7", "models": ["tiny"], "device": "cuda:0", "pid": 31337, "host": "node-42.internal",
+        "max_batch_size": 64})
+    r = httpx.get(f"{api.url}/readyz")
+    assert r.status_code == 200 and set(r.json()) == {"status", "worker", "message"}
+    assert r.json()["worker"] == "serving"
+    for secret in ("gpu-worker-7", "cuda", "31337", "node-42", "tiny"):
+        assert secret not in r.text
+
+
+# ---- who the client is -------------------------------------------------------------------------------------
+def _from(address: str) -> httpx.Client:
+    """A client whose connections come from ``address`` (any 127.x.y.z is this machine's loopback)."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10)
+
+
+@pytest.mark.parametrize(("trusted", "peer", "forwarded", "expected"), [
+    ([], "127.0.0.1", ["1.2.3.4"], "127.0.0.1"),  # nobody trusted (the default): the header is ignored
+    (["127.0.0.1"], "127.0.0.2", ["1.2.3.4"], "127.0.0.2"),  # the peer is not a trusted proxy
+    (["127.0.0.1"], "127.0.0.1", ["1.2.3.4"], "1.2.3.4"),
+    (["127.0.0.1"], "127.0.0.1", ["6.6.6.6, 1.2.3.4"], "1.2.3.4"),  # the left part is the client's to forge
+    (["127.0.0.1"], "127.0.0.1", ["6.6.6.6", "1.2.3.4"], "1.2.3.4"),  # several headers: one list, in order
+    (["127.0.0.1", "10.0.0.0/8"], "127.0.0.1", ["1.2.3.4, 10.1.2.3"], "1.2.3.4"),  # a chain of trusted proxies
+    (["127.0.0.1"], "127.0.0.1", ["1.2.3.4:5678"], "1.2.3.4"),
+    (["127.0.0.1"], "127.0.0.1", ["[2001:db8::1]:443"], "2001:db8::1"),
+    (["127.0.0.1"], "127.0.0.1", ["1.2.3.4, not-an-address"], "127.0.0.1"),  # garbage: the proxy that passed it
+    (["127.0.0.1"], "127.0.0.1", [], "127.0.0.1"),
+    (["::1"], "::1", ["2001:db8::7"], "2001:db8::7"),
+])
+def test_client_address_believes_forwarded_for_only_from_trusted_proxies(
+        trusted: list[str], peer: str, forwarded: list[str], expected: str) -> None:
+    scope = {"client": (peer, 5000), "headers": [(b"x-forwarded-for", v.encode()) for v in forwarded]}
+    assert client_address(scope, TrustedProxies(trusted)) == expected
+
+
+def test_trusted_proxies_must_be_addresses() -> None:
+    with pytest.raises(ValueError, match="not an IP address or CIDR network"):
+        Settings(trusted_proxies="10.0.0.0/8,proxy.internal")
+    assert Settings(trusted_proxies="10.0.0.0/8, 127.0.0.1").trusted_proxies == ["10.0.0.0/8", "127.0.0.1"]
+
+
+def test_limits_take_the_forwarded_client_only_behind_a_trusted_proxy(make_api: Callable[..., ApiServer]) -> None:
+    untrusting = make_api(rate_limit_per_minute=2)  # the default: no proxy is trusted, not even 127.0.0.1
+    api = make_api(rate_limit_per_minute=2, trusted_proxies=["127.0.0.1"])
+    _clear_of_window_edge()
+    with _from("127.0.0.1") as local:
+        codes = [local.get(f"{untrusting.url}/models", headers={"x-forwarded-for": f"198.51.100.{i}"}).status_code
+                 for i in range(3)]
+        assert codes == [200, 200, 429]
+    with _from("127.0.0.1") as proxy, _from("127.0.0.2") as direct:
+        # Behind the proxy, each forwarded client has its own budget.
+        for client in ("203.0.113.1", "203.0.113.2"):
+            codes = [proxy.get(f"{api.url}/models", headers={"x-forwarded-for": client}).status_code
+                     for _ in range(3)]
+            assert codes == [200, 200, 429], client
+        # A client that reaches the API directly cannot pick its identity with the header.
+        codes = [direct.get(f"{api.url}/models", headers={"x-forwarded-for": f"198.51.100.{i}"}).status_code
+                 for i in range(3)]
+        assert codes == [200, 200, 429]

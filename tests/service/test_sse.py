@@ -9,7 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 import torch
+from httpx_sse import connect_sse
 
 from model.images import png_bytes
 from service.queue import JobStore, connect
@@ -28,7 +30,7 @@ def _events(lines: list[str]) -> list[dict[str, Any]]:
             current = {}
         elif line.startswith(":"):
             out.append({"comment": line[1:].strip()})
-        else:
+        elif not line.startswith("retry:"):  # the reconnection delay, sent with the first event
             key, _, value = line.partition(":")
             current[key] = json.loads(value.strip()) if key == "data" else value.strip()
     return out
@@ -105,3 +107,39 @@ def test_keep_alive_comments_while_waiting_then_cancel_ends_it(make_api: Callabl
 def test_events_of_an_unknown_job_are_404(api_server: ApiServer) -> None:
     r = httpx.get(f"{api_server.url}/jobs/{'f' * 32}/events")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_an_sse_client_library_sees_no_empty_event(api_server: ApiServer) -> None:
+    # httpx-sse, as an integrating app would use it: the reconnection delay rides on the first event, so every
+    # event it yields is one the API sent (a lone "retry:" block used to surface as an empty "message" event).
+    job_id = _submit(api_server, steps=2)
+    _work(JobStore(connect(api_server.settings.redis_url)), job_id, 2)
+    with httpx.Client(timeout=20) as client, connect_sse(client, "GET",
+                                                         f"{api_server.url}/jobs/{job_id}/events") as source:
+        seen = list(source.iter_sse())
+    assert [e.event for e in seen] == ["queued", "running"] + ["progress", "frame"] * 2 + ["succeeded"]
+    assert all(e.id and e.data for e in seen)
+    assert seen[0].retry == 1000 and all(e.retry is None for e in seen[1:])
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999-0", "0-18446744073709551616", "1-2-3", "abc", "-1-0",
+                                   "1795000000000", "1-0 x", "１-0", "1" * 30 + "-0", "../0-0"])
+@pytest.mark.parametrize("where", ["header", "query"])
+def test_a_malformed_or_out_of_range_last_event_id_is_422(api_server: ApiServer, value: str, where: str) -> None:
+    job_id = _submit(api_server, steps=2)
+    url = f"{api_server.url}/jobs/{job_id}/events"
+    if where == "header":
+        r = httpx.get(url, headers={"Last-Event-ID": value.encode()}, timeout=5)
+    else:
+        r = httpx.get(url, params={"last_event_id": value}, timeout=5)
+    assert r.status_code == 422, r.text[:200]
+    message = r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert message.startswith("Last-Event-ID:" if where == "header" else "last_event_id:")
+
+
+def test_the_largest_event_id_is_valid_and_replays_nothing(api_server: ApiServer) -> None:
+    job_id = _submit(api_server, steps=2)
+    _work(JobStore(connect(api_server.settings.redis_url)), job_id, 2)
+    largest = f"{2**64 - 1}-{2**64 - 1}"
+    assert _stream(f"{api_server.url}/jobs/{job_id}/events", {"Last-Event-ID": largest}) == []
