@@ -308,7 +308,7 @@ def _train_then_serve(c: Compose, api: str, steps: int = 10) -> dict[str, Any]:
     start = time.monotonic()
     c("--profile", "train", "run", "--rm", "train", "train", "--preset", "digits", "--dataset", "digits", "--out",
       "/checkpoints/proof", "--steps", str(steps), "--batch-size", "32", "--checkpoint-every", str(steps),
-      "--sample-every", "1000000", "--device", "cpu")
+      "--sample-every", str(steps), "--num-samples", "4", "--sample-steps", "10", "--device", "cpu")
     train_s = time.monotonic() - start
     listing = c("--profile", "train", "run", "--rm", "--entrypoint", "ls", "train", "/checkpoints/proof/checkpoints",
                 capture=True)
