@@ -496,6 +496,12 @@ class WorkerSession:
                 c.job.heartbeat(now(), self.lease, pipeline=pipe, xx=True)
             pipe.execute()
 
+    def abandon(self, job_id: str) -> None:
+        """Forget a claimed job without telling Redis (it did not answer): its lease is no longer renewed, so once
+        Redis answers again ``reap_abandoned`` retries it, as it would a job of a worker that died."""
+        with self._lock:
+            self.claims.pop(job_id, None)
+
     def _release(self, job_id: str) -> Claim | None:
         with self._lock:
             claim = self.claims.pop(job_id, None)

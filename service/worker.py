@@ -270,7 +270,11 @@ class Worker:
             self._begin(engine, claim.job_id)
 
     def _begin(self, engine: Engine, job_id: str) -> None:
-        record = self.store.start(job_id, self.name)
+        try:
+            record = self.store.start(job_id, self.name)
+        except StoreUnavailable:  # e.g. a Redis failover between claiming and starting: never leak the claim
+            self.session.abandon(job_id)
+            raise
         if record is None:  # canceled while queued, or already finished
             self.session.cancel(job_id)
             return
