@@ -424,9 +424,12 @@ def list_models(request: Request, store: Store) -> ModelsView:
 
 @info.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 def prometheus_metrics(request: Request, store: Store) -> Response:
-    """Prometheus metrics of the API process (queue depth and live workers per model sampled now)."""
+    """Prometheus metrics of the API process (queue depth, outstanding jobs and live workers per model sampled
+    now)."""
     try:
-        metrics.QUEUE_DEPTH.set(store.queue_length())
+        queued = store.queue_length()
+        metrics.QUEUE_DEPTH.set(queued)
+        metrics.JOBS_OUTSTANDING.set(queued + store.running_count())
         for model, count in live_workers_per_model(store, list(request.app.state.catalog.files)).items():
             metrics.LIVE_WORKERS.labels(model).set(count)
     except StoreUnavailable:

@@ -2,7 +2,8 @@
 
 Each subcommand lives in the module that owns the work and exposes ``configure_parser(parser)`` and
 ``main(args) -> int``; modules are imported only when their subcommand runs, so ``ddpm --help`` is fast and
-``ddpm train`` never imports the web stack.
+``ddpm train`` never imports the web stack. Logging is set up here, once, for every subcommand: the level is
+``DDPM_LOG_LEVEL`` (INFO by default; ``-v`` means DEBUG), so the worker and training honour it as the API does.
 """
 
 from __future__ import annotations
@@ -47,8 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pydantic import ValidationError
+
+    from service.settings import log_level
+
+    try:
+        level = "DEBUG" if args.verbose else log_level()
+    except ValidationError as exc:
+        parser.error(f"DDPM_LOG_LEVEL: {exc.errors()[0]['msg']}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(args._module)
     return int(module.main(args) or 0)
 

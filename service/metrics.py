@@ -36,6 +36,7 @@ __all__ = [
     "HTTP_REQUEST_DURATION",
     "IMAGES_GENERATED",
     "JOBS_FINISHED",
+    "JOBS_OUTSTANDING",
     "JOBS_SUBMITTED",
     "JOB_QUEUE_WAIT",
     "JOB_RUN_DURATION",
@@ -85,6 +86,9 @@ JOBS_SUBMITTED = Counter("ddpm_jobs_submitted_total", "Jobs accepted by POST /ge
                          registry=API_REGISTRY)
 QUEUE_DEPTH = Gauge("ddpm_queue_depth", "Jobs waiting in the queue, sampled when /metrics is scraped.",
                     registry=API_REGISTRY)
+JOBS_OUTSTANDING = Gauge("ddpm_jobs_outstanding", "Jobs waiting in the queue or running on a worker, sampled when "
+                         "/metrics is scraped; the worker autoscaler (k8s/keda) sizes the workers by it.",
+                         registry=API_REGISTRY)
 LIVE_WORKERS = Gauge("ddpm_live_workers", "Workers with a recent heartbeat serving each configured model, sampled "
                      "when /metrics is scraped; 0 for the default model: jobs are accepted but wait.", ["model"],
                      registry=API_REGISTRY)

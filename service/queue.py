@@ -113,10 +113,14 @@ def is_valid_job_id(job_id: str) -> bool:
     return len(job_id) == _JOB_ID_LEN and all(c in "0123456789abcdef" for c in job_id)
 
 
-def connect(url: str, *, timeout: float = 1.0) -> Redis:
-    """A Redis client that fails fast (``timeout`` seconds to connect and per command) and returns bytes."""
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                health_check_interval=10, retry_on_timeout=False)
+def connect(url: str, *, timeout: float = 1.0, connect_timeout: float | None = None) -> Redis:
+    """A Redis client that fails fast (``connect_timeout`` seconds to connect, default ``timeout``; ``timeout``
+    per command) and returns bytes. ``url`` is a plain Redis URL or a Sentinel one (``service.redis_url``): every
+    client of the service is made here."""
+    from service.redis_url import client_from_url
+
+    return client_from_url(url, socket_connect_timeout=timeout if connect_timeout is None else connect_timeout,
+                           socket_timeout=timeout, health_check_interval=10, retry_on_timeout=False)
 
 
 _guarded = threading.local()  # .active: this thread is inside a JobStore call that holds the breaker
@@ -188,6 +192,11 @@ class JobStore:
     def queue_length(self) -> int:
         with self._guard():
             return int(self.rq_queue().count)
+
+    def running_count(self) -> int:
+        """Jobs a worker has claimed and not ended (RQ's started registry, read without its cleanup)."""
+        with self._guard():
+            return int(self.rq_queue().started_job_registry.get_job_count(cleanup=False))
 
     def queue_position(self, job_id: str) -> int | None:
         """0-based position among queued jobs, or None when not queued."""
@@ -484,12 +493,13 @@ class WorkerSession:
     brings the job's user-facing state along.
     """
 
-    def __init__(self, redis_url: str, store: JobStore, name: str, *, lease_seconds: int = 15):
+    def __init__(self, redis_url: str, store: JobStore, name: str, *, lease_seconds: int = 15,
+                 maintenance_seconds: int = 30):
         self.store = store
         self.lease = int(lease_seconds)
         self.name = name
-        self._client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=10.0,
-                                            health_check_interval=10)
+        self.maintenance_seconds = maintenance_seconds
+        self._client = connect(redis_url, timeout=10.0, connect_timeout=2.0)
         self._rq: Any = None  # RQ's worker, made by register(): making one talks to Redis (CLIENT SETNAME)
         self._lock = threading.Lock()
         self.claims: dict[str, Claim] = {}
@@ -503,8 +513,11 @@ class WorkerSession:
             def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
                 return lease  # RQ's default is the job timeout + 60 s: far too long to notice a dead worker
 
+        # Maintenance every 30 s rather than RQ's 10 min: a job stranded in RQ's intermediate queue (a worker died,
+        # or Redis failed over, between taking it and starting it) is retried about 1.5 min later, not 10-20 min.
         return _LeasedWorker([self.store.queue_name], name=self.name, connection=self._client,
-                             worker_ttl=max(lease, 16), default_result_ttl=self.store.ttl)
+                             worker_ttl=max(lease, 16), default_result_ttl=self.store.ttl,
+                             maintenance_interval=self.maintenance_seconds)
 
     def register(self) -> None:
         """Register with RQ (birth, state ``idle``); raises ``StoreUnavailable`` until Redis answers."""
@@ -632,10 +645,11 @@ class WorkerSession:
         self._release(job_id)
 
     def maintain(self) -> None:
-        """RQ's periodic housekeeping, at most every 10 minutes and by one worker at a time (RQ's lock): expired
-        entries of the finished/failed/canceled registries, dead workers, and job ids stranded in RQ's
-        intermediate queue by a worker that died between dequeuing and starting them (RQ fails those; their
-        user-facing state follows)."""
+        """RQ's periodic housekeeping, every ``maintenance_seconds`` and by one worker at a time (RQ's lock):
+        expired entries of the finished/failed/canceled registries, dead workers, and job ids stranded in RQ's
+        intermediate queue by a worker that died, or lost its Redis to a failover, between dequeuing and starting
+        them (after a minute RQ retries those, or fails them when no retry is left; their user-facing state
+        follows)."""
         from rq import worker_registration
         from rq.job import JobStatus
         from rq.utils import now
@@ -645,7 +659,10 @@ class WorkerSession:
             return
         queue = rq.queues[0]
         with translate_errors():
-            if queue.acquire_maintenance_lock():
+            # RQ's own lock (acquire_maintenance_lock) lives 15 minutes: one left behind by a failover between
+            # taking and releasing it would stop this for that long. Ours expires before the next run is due.
+            ttl = max(int(rq.maintenance_interval) - 1, 1)
+            if rq.connection.set(queue.registry_cleaning_key, self.name, nx=True, ex=ttl):
                 try:
                     for registry in (queue.finished_job_registry, queue.failed_job_registry,
                                      queue.canceled_job_registry):

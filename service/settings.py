@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEMO_CHECKPOINT", "MAKE_A_KEY", "Settings", "check_api_keys", "describe_validation_error", "get_settings",
-           "parse_checkpoints"]
+__all__ = ["DEMO_CHECKPOINT", "MAKE_A_KEY", "LogLevel", "Settings", "check_api_keys", "describe_validation_error",
+           "get_settings", "log_level", "parse_checkpoints"]
 
 # The bundled demo model (trained by `ddpm train --preset digits`, see README), served by default.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "digits.safetensors"
@@ -50,6 +50,9 @@ def describe_validation_error(exc: ValidationError) -> str:
     """``field: message; ...`` without the values given (pydantic's own text repeats them: API keys too)."""
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
                      for e in exc.errors(include_input=False, include_url=False))
+
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def parse_checkpoints(value: str | list[str] | dict[str, str]) -> dict[str, str]:
@@ -137,7 +140,7 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = Field(24 * 3600, ge=60, description="how long job records, frames and images live")
     job_timeout_seconds: int = Field(3600, ge=10, description="longest a job may run")
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: LogLevel = "INFO"
 
     # ---- webhooks (service/webhooks/) --------------------------------------------------------------------
     webhook_secret: Annotated[list[SecretStr], NoDecode] = Field(
@@ -212,6 +215,18 @@ class Settings(BaseSettings):
     @property
     def default_model(self) -> str:
         return next(iter(self.checkpoints))
+
+
+class _LoggingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+
+    log_level: LogLevel = "INFO"
+
+
+def log_level() -> LogLevel:
+    """``DDPM_LOG_LEVEL`` alone: every ``ddpm`` subcommand sets up logging with it, including those that need no
+    other setting (``ddpm train``), so a bad value elsewhere never stops them. Raises ``ValidationError``."""
+    return _LoggingSettings().log_level
 
 
 @lru_cache

@@ -348,6 +348,8 @@ class Worker:
             self._unstarted.remove(claim.job_id)
 
     def _begin(self, engine: Engine, job_id: str) -> None:
+        # A store error here (e.g. a Redis failover between claiming and starting) propagates: the claim stays in
+        # ``_unstarted`` with its lease renewed, and the start is tried again on the next turn.
         record = self.store.start(job_id, self.name)
         if record is None:  # canceled while queued, or already finished
             self._on_lane(job_id, self.session.cancel, "recording job {} as canceled")

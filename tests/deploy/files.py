@@ -1,8 +1,10 @@
 """Readers for the deployment files (docker/, docker-compose.yml, k8s/) shared by the deploy tests.
 
-No Docker engine, Compose or kubectl runs here: these helpers turn the files into plain data (YAML documents,
+Most helpers need no Docker engine, Compose or kubectl: they turn the files into plain data (YAML documents,
 Dockerfile instructions, the `ddpm` command lines each container runs, the DDPM_* environment each one gets) so
-the tests can hold them against the schemas and against the real CLI and settings.
+the tests can hold them against the schemas and against the real CLI and settings. ``render`` runs the real
+``kubectl kustomize`` on a copy of k8s/ (with the API-keys file an operator would create) and an overlay, as an
+operator's ``kubectl apply -k`` would; tests that need it skip where kubectl is missing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,9 @@ COMPOSE_CPU = ROOT / "docker" / "compose.cpu.yml"
 K8S = ROOT / "k8s"
 COMPOSE_SCHEMA = Path(__file__).with_name("compose-spec.json")
 DDPM_SERVICES = ("api", "worker", "train")  # compose services that run the ddpm image
+DDPM_IMAGES = ("ddpm-service-cpu", "ddpm-service-cuda")  # the image names k8s/ uses; kustomize `images` maps them
+API_KEYS_FILE = "secrets/api-keys.env"  # under k8s/: the git-ignored file k8s/kustomization.yaml generates from
+SAMPLE_API_KEY = "3c9d6f0e8b7a41d2a5f6c7b8e9d0a1b2"  # what an operator's file might hold (32 hex characters)
 
 
 # ---- YAML ------------------------------------------------------------------------------------------------------
@@ -68,8 +76,17 @@ def kustomizations() -> list[Path]:
     return sorted(K8S.rglob("kustomization.yaml"))
 
 
+def kustomize_configurations() -> set[Path]:
+    """Files the kustomizations name under ``configurations:`` (kustomize settings, not Kubernetes objects)."""
+    out = set()
+    for k in kustomizations():
+        out |= {k.parent / c for c in yaml.safe_load(k.read_text()).get("configurations", [])}
+    return out
+
+
 def k8s_manifests() -> list[Path]:
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+    skip = kustomize_configurations()
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and p not in skip)
 
 
 def k8s_documents() -> list[tuple[Path, dict[str, Any]]]:
@@ -220,16 +237,20 @@ def compose_containers(*, cpu: bool = False) -> list[Container]:
     return out
 
 
+def generated_secrets() -> dict[str, list[str]]:
+    """Secret name -> env files of k8s/kustomization.yaml's secretGenerator."""
+    doc = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return {g["name"]: list(g.get("envs", [])) for g in doc.get("secretGenerator", [])}
+
+
 def _k8s_env(container: dict[str, Any]) -> dict[str, str]:
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
             env |= k8s_named("ConfigMap", source["configMapRef"]["name"])["data"]
         if "secretRef" in source:
-            secret = k8s_named("Secret", source["secretRef"]["name"])
-            # what an operator deploys: the shipped placeholders replaced (the services refuse them at start-up)
-            env |= {k: "deployed-key-0123456789abcdef" if "REPLACE-ME" in v else v
-                    for k, v in secret.get("stringData", {}).items()}
+            assert generated_secrets().get(source["secretRef"]["name"]) == [API_KEYS_FILE]
+            env |= {"DDPM_API_KEYS": SAMPLE_API_KEY}  # what the operator's file holds
     for item in container.get("env", []):
         env[item["name"]] = str(item.get("value", ""))
     return env
@@ -239,7 +260,7 @@ def k8s_containers() -> list[Container]:
     out = []
     for where, spec in pod_templates():
         for c in spec["containers"]:
-            if not c["image"].startswith("ddpm-service"):
+            if c["image"] not in DDPM_IMAGES:
                 continue
             env = dockerfile_container().env | _k8s_env(c)
             ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
@@ -261,3 +282,44 @@ def dockerfile_container() -> Container:
 
 def all_containers() -> list[Container]:
     return [dockerfile_container(), *compose_containers(), *compose_containers(cpu=True), *k8s_containers()]
+
+
+# ---- kubectl kustomize ---------------------------------------------------------------------------------------
+def kubectl() -> str | None:
+    return shutil.which("kubectl")
+
+
+def render(overlay: str | None = None, *, api_keys: str | None = f"DDPM_API_KEYS={SAMPLE_API_KEY}\n",
+           target: str = "k8s") -> list[dict[str, Any]]:
+    """The objects ``kubectl kustomize`` renders from a copy of k8s/: ``target`` (a folder of the copy), or an
+    overlay folder beside the copy whose kustomization.yaml is ``overlay`` (it names the copy as ``../k8s``).
+    ``api_keys`` is the content of k8s/secrets/api-keys.env (None: the file is missing). Raises
+    ``subprocess.CalledProcessError`` (with kustomize's message in ``stderr``) when rendering fails."""
+    binary = kubectl()
+    assert binary, "kubectl is not installed"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shutil.copytree(K8S, root / "k8s")
+        if api_keys is not None:
+            (root / "k8s" / API_KEYS_FILE).parent.mkdir(exist_ok=True)
+            (root / "k8s" / API_KEYS_FILE).write_text(api_keys)
+        folder = root / target
+        if overlay is not None:
+            folder = root / "overlay"
+            folder.mkdir()
+            (folder / "kustomization.yaml").write_text(overlay)
+        result = subprocess.run([binary, "kustomize", str(folder)], capture_output=True, text=True, timeout=120,
+                                check=True)
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name!r} among the rendered objects, found {len(found)}"
+    return found[0]
+
+
+def rendered_pods(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``Kind/name`` -> pod spec of every rendered workload."""
+    return {f"{o['kind']}/{o['metadata']['name']}": o["spec"]["template"]["spec"] for o in objects
+            if o["kind"] in ("Deployment", "StatefulSet", "Job")}

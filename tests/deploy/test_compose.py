@@ -77,7 +77,15 @@ def test_the_worker_reserves_a_gpu_and_the_cpu_override_removes_every_reservatio
     for name in files.DDPM_SERVICES:
         assert CPU["services"][name]["build"]["args"]["VARIANT"] == "cpu"
         assert CPU["services"][name]["image"].endswith(":cpu")
-        assert BASE["services"][name]["build"]["args"]["VARIANT"] == "cuda"
+        assert BASE["services"][name]["build"]["args"]["VARIANT"] == ("cpu" if name == "api" else "cuda")
+        assert CPU["services"][name]["build"]["args"]["BASE_IMAGE"] == BASE["services"]["api"]["build"]["args"][
+            "BASE_IMAGE"], "one CPU base"
+
+
+def test_the_api_runs_the_cpu_image_and_reserves_no_gpu() -> None:
+    api = BASE["services"]["api"]
+    assert api["image"].endswith(":cpu") and api["build"]["args"]["VARIANT"] == "cpu"
+    assert not _devices(api) and "cuda" not in api["build"]["args"]["BASE_IMAGE"]
 
 
 def test_ddpm_containers_run_under_an_init_that_forwards_sigterm() -> None:

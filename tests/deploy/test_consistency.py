@@ -20,7 +20,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from redis import Redis
 
 from service.settings import Settings
 from tests.deploy import files
@@ -190,18 +189,16 @@ def test_the_cpu_override_runs_the_worker_on_the_cpu(effective_settings: Setting
     assert effective_settings(_one("compose:worker")).device == "cuda"
 
 
-def test_the_keda_trigger_watches_the_queue_the_service_uses() -> None:
-    from rq import Queue
+def test_the_keda_trigger_reads_a_metric_the_api_serves() -> None:
+    from urllib.parse import urlsplit
 
-    queue_name = files.k8s_named("ConfigMap", "ddpm-config")["data"].get("DDPM_QUEUE_NAME", Settings().queue_name)
+    from service import metrics
+    from service.api import create_app
+
     trigger = files.k8s_named("ScaledObject", "ddpm-worker")["spec"]["triggers"][0]["metadata"]
-    assert trigger["listName"] == Queue(queue_name, connection=Redis()).key
-    redis_url = files.k8s_named("ConfigMap", "ddpm-config")["data"]["DDPM_REDIS_URL"]
-    host_port = re.match(r"redis://([^/:]+):(\d+)/(\d+)", redis_url)
-    assert host_port, redis_url
-    host, port, db = host_port.groups()
-    assert trigger["address"] == f"{host}.ddpm.svc.cluster.local:{port}"
-    assert trigger["databaseIndex"] == db
+    exported = {m._name for m in vars(metrics).values() if hasattr(m, "_name")}
+    assert trigger["valueLocation"] in exported, f"{trigger['valueLocation']} is not a metric of service/metrics.py"
+    assert urlsplit(trigger["url"]).path in create_app(Settings()).openapi()["paths"]
 
 
 # ---- graceful stop ----------------------------------------------------------------------------------------------
@@ -233,7 +230,8 @@ def test_the_readme_deployment_section_names_files_that_exist() -> None:
         assert command in section, f"the Deployment section does not show `{command}`"
     named = set(re.findall(r"(?<![\w/.])((?:docker|k8s)/[\w./-]*\w|docker-compose\.yml)", section))
     assert named, "expected paths of the deployment files"
-    missing = sorted(p for p in named if not (files.ROOT / p).exists())
+    operator_made = {f"k8s/{files.API_KEYS_FILE}"}  # git-ignored: each operator creates it
+    missing = sorted(p for p in named if not (files.ROOT / p).exists() and p not in operator_made)
     assert not missing, f"README.md names deployment files that do not exist: {missing}"
     unknown = sorted(n for n in _ddpm_names_in(section) if n.removeprefix("DDPM_").lower() not in SETTINGS_FIELDS)
     assert not unknown, f"the Deployment section names settings that do not exist: {unknown}"

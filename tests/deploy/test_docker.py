@@ -47,30 +47,43 @@ def test_every_ignored_hadolint_rule_is_justified_in_place() -> None:
 
 
 
-def test_base_images_are_pinned_and_the_variant_picks_one() -> None:
+def _arg_default(name: str) -> str:
+    found = [i.args.split("=", 1)[1] for i in _all("ARG") if i.args.startswith(f"{name}=")]
+    assert len(set(found)) == 1, f"expected one default for ARG {name}, found {found}"
+    return found[0].strip('"')
+
+
+def _pinned(image: str) -> bool:
+    tag = image.partition("@")[0].rpartition(":")[2] if ":" in image else ""
+    return bool(tag) and tag != "latest" and "$" not in tag
+
+
+def test_the_base_image_is_one_pinned_build_argument() -> None:
+    """The legacy builder (no BuildKit) builds every stage of the file: a CPU build must name no CUDA image."""
     froms = [i.args.split() for i in _all("FROM")]
-    upstream = [f[0] for f in froms if not f[0].startswith("base-")]
-    assert upstream, "no upstream base image"
-    for image in upstream:
-        tag = image.partition(":")[2]
-        assert tag and tag != "latest" and "$" not in tag, f"{image}: pin a tag"
-    stages = {f[2] for f in froms if len(f) == 3 and f[1].upper() == "AS"}
-    assert {"base-cuda", "base-cpu", "build", "runtime"} <= stages
-    assert froms[-1][:1] == ["base-${VARIANT}"], "the final stage must follow the VARIANT build argument"
-    assert re.search(r"^ARG VARIANT=cuda$", files.DOCKERFILE.read_text(), re.M)
-    cuda_base = next(f[0] for f in froms if f[-1] == "base-cuda")
-    assert "cuda" in cuda_base and cuda_base.endswith("-runtime"), "the CUDA base is a runtime (not devel) image"
+    stages = [f[2] for f in froms if len(f) == 3 and f[1].upper() == "AS"]
+    assert froms[0] == ["${BASE_IMAGE}", "AS", "base"], "the only upstream image is the BASE_IMAGE argument"
+    assert all(f[0] in stages[:n + 1] for n, f in enumerate(froms[1:])), "later stages start from earlier ones"
+    assert {"base", "build", "runtime"} <= set(stages) and froms[-1][0] == "base"
+    cuda_base = _arg_default("BASE_IMAGE")
+    assert _pinned(cuda_base) and "cuda" in cuda_base and cuda_base.endswith("-runtime"), cuda_base
+    cpu_base = files.compose(cpu=True)["services"]["api"]["build"]["args"]["BASE_IMAGE"]
+    assert _pinned(cpu_base) and "cuda" not in cpu_base, cpu_base
+    assert f"BASE_IMAGE={cpu_base}" in files.DOCKERFILE.read_text(), "the Dockerfile's CPU example names it too"
+    assert _arg_default("VARIANT") == "cuda", "the default build is the CUDA image"
+    checks = [i.args for i in _all("RUN") if "torch.version.cuda" in i.args]
+    assert checks and "VARIANT" in checks[0], "the build fails if its torch is not the VARIANT it is tagged as"
 
 
 def _makefile_torch_version() -> str:
-    match = re.search(r"^TORCH_SPEC \?= torch==(\S+)", (files.ROOT / "Makefile").read_text(), re.M)
-    assert match, "Makefile has no TORCH_SPEC"
+    match = re.search(r"^TORCH_VERSION := (\S+)$", (files.ROOT / "Makefile").read_text(), re.M)
+    assert match, "Makefile has no TORCH_VERSION"
     return match.group(1)
 
 
 def test_torch_goes_in_first_and_is_the_version_the_makefile_pins() -> None:
     version = _makefile_torch_version()
-    build = INSTRUCTIONS[[i.args for i in INSTRUCTIONS].index("base-${VARIANT} AS build"):]
+    build = INSTRUCTIONS[[i.args for i in INSTRUCTIONS].index("base AS build"):]
     runs = [i.args for i in build if i.keyword == "RUN"]
     torch_step = next(n for n, r in enumerate(runs) if "TORCH_SPEC" in r)
     project_steps = [n for n, r in enumerate(runs) if "pip install" in r and n != torch_step]
@@ -79,8 +92,7 @@ def test_torch_goes_in_first_and_is_the_version_the_makefile_pins() -> None:
         "install TORCH_SPEC only where torch is missing, as the Makefile does")
     spec = next(i.args for i in build if i.keyword == "ARG" and i.args.startswith("TORCH_SPEC="))
     assert f"torch=={version} " in spec and "/whl/cpu" in spec
-    cuda_base = next(i.args.split()[0] for i in _all("FROM") if i.args.endswith("AS base-cuda"))
-    assert f":{version}-" in cuda_base, f"the CUDA base ships a torch other than {version}"
+    assert f":{version}-" in _arg_default("BASE_IMAGE"), f"the CUDA base ships a torch other than {version}"
     assert any("--no-deps ." in r for r in runs), "the project itself is installed without re-resolving torch"
 
 

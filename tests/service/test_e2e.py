@@ -166,7 +166,7 @@ def test_metrics_move_in_the_api_and_the_worker(shared_stack: tuple[ApiServer, W
 
 
 API_FAMILIES = {"ddpm_http_requests_total", "ddpm_http_request_duration_seconds", "ddpm_jobs_submitted_total",
-                "ddpm_queue_depth", "ddpm_live_workers"}
+                "ddpm_queue_depth", "ddpm_live_workers", "ddpm_jobs_outstanding"}
 WORKER_FAMILIES = {"ddpm_jobs_finished_total", "ddpm_job_queue_wait_seconds", "ddpm_job_run_duration_seconds",
                    "ddpm_denoising_step_duration_seconds", "ddpm_denoising_step_batch_images",
                    "ddpm_images_generated_total", "ddpm_worker_active_jobs", "ddpm_worker_model_loaded",
