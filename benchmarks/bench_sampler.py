@@ -40,7 +40,7 @@ from model.unet import UNet
 
 log = logging.getLogger("bench_sampler")
 
-# google/ddpm-cifar10-32's UNet2DModel config (PAPER.md).
+# google/ddpm-cifar10-32's UNet2DModel config (docs/MATHS.md, "The paper's released weights").
 CIFAR10_DIFFUSERS = {
     "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 256, 256],
     "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],

@@ -1,6 +1,6 @@
 """The Gaussian diffusion: beta schedules, the forward process q, the posterior, the reverse step and the losses.
 
-Notation (Ho et al. 2020; PAPER.md): timesteps are indices ``t`` in 0..T-1 (index ``t`` is the paper's t+1);
+Notation (Ho et al. 2020; docs/MATHS.md): timesteps are indices ``t`` in 0..T-1 (index ``t`` is the paper's t+1);
 ``betas[t]``, ``alphas = 1 - betas``, ``alphas_cumprod[t] = prod_{s<=t} alphas[s]`` (alphabar),
 ``alphas_cumprod_prev[t] = alphas_cumprod[t-1]`` with ``alphas_cumprod_prev[0] = 1``. Images ``x0``/``x_t`` are
 float tensors (B, C, H, W) in [-1, 1]; ``t`` is int64 (B,).

@@ -114,7 +114,7 @@ class RunConfig:
                    UNetConfig.from_dict(data["unet"]), DiffusionConfig.from_dict(data["diffusion"]))
 
 
-# The paper's hyper-parameters (PAPER.md, "Training"); digits: 3,500 steps, ~50-75 min on one CPU thread.
+# The paper's hyper-parameters (docs/MATHS.md, "Training"); digits: 3,500 steps, ~50-75 min on one CPU thread.
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "cifar10": TrainConfig(dataset="cifar10:data/cifar-10-python.tar.gz"),
     "256": TrainConfig(dataset="folder:data/images", lr=2e-5, batch_size=64),
