@@ -1,14 +1,17 @@
 """The API process's footprint: cold start and resident memory of a real ``ddpm serve``.
 
-Each repeat starts ``ddpm serve`` (its own process, on a private redis-server, serving the demo checkpoint or
+Each start runs ``ddpm serve`` (its own process, on a private redis-server, serving the demo checkpoint or
 ``--checkpoint``), times spawn -> first ``GET /healthz`` 200 and spawn -> first ``GET /models`` 200 (the
 checkpoint metadata read), sends a few requests (``/models``, ``/openapi.json``, ``POST /generate``,
 ``GET /jobs/{id}``, ``/metrics``), then reads the process's resident set (``VmRSS``) and its peak (``VmHWM``)
-from ``/proc`` and stops it with SIGTERM. Reported: medians over ``--repeats``. With ``--with-torch`` a second
-series runs the same server with PyTorch imported first (what the API cost while it imported torch), side by
-side, and the ratios are reported.
+from ``/proc`` and stops it with SIGTERM. Reported: medians over ``--repeats`` starts after a warm-up start. With
+``--with-torch`` the same server also runs with PyTorch imported first (what the API cost while it imported torch),
+the two alternating start by start, and the cost ratios ``serve_over_with_torch`` are reported (time and memory;
+the median of the per-round ratios, with their range).
 
-    .venv/bin/python benchmarks/bench_api_start.py [--repeats 5] [--with-torch]
+This measures the API process alone, so it starts ``ddpm serve`` itself rather than a whole stack.
+
+    .venv/bin/python -m benchmarks.bench_api_start [--repeats 5] [--with-torch]
 
 Output: one JSON object on stdout and in ``benchmarks/results/bench_api_start-cpu-<UTC time>.json``. Linux only
 (``/proc``).
@@ -25,17 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from service.redis_server import RedisServer, free_port  # noqa: E402
-from service.settings import DEMO_CHECKPOINT  # noqa: E402
+from benchmarks.common import ROOT, Run, add_out_argument, compare, interleaved
+from service.redis_server import RedisServer, free_port
+from service.settings import DEMO_CHECKPOINT
 
 # `ddpm serve` exactly as the console script runs it; the torch variant imports torch first.
 SERVE = "import sys; from service.cli import main; sys.exit(main())"
@@ -86,37 +87,41 @@ def one_run(code: str, checkpoint: Path, redis_url: str) -> dict[str, float]:
     return {"healthz_s": healthz_s, "models_s": models_s, "rss_mib": rss / 1024, "peak_rss_mib": peak / 1024}
 
 
-def series(code: str, checkpoint: Path, redis_url: str, repeats: int) -> dict[str, Any]:
-    runs = [one_run(code, checkpoint, redis_url) for _ in range(repeats)]
-    return {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]} | {"runs": runs}
+KEYS = ("healthz_s", "models_s", "rss_mib", "peak_rss_mib")  # what one_run measures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="measured starts of each variant")
     parser.add_argument("--with-torch", action="store_true", help="also time the server with torch imported first")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "repeats": args.repeats,
-                              "python": sys.version.split()[0], "cpus": os.cpu_count(),
-                              "load_avg": os.getloadavg()}
+    add_out_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = Run("bench_api_start", args, "cpu", argv)
+    variants = {"serve": SERVE} | ({"serve_with_torch": SERVE_WITH_TORCH} if args.with_torch else {})
+
+    def start(code: str, redis_url: str) -> Callable[[], dict[str, float]]:
+        return lambda: one_run(code, args.checkpoint, redis_url)
+
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp, RedisServer(data_dir=Path(tmp)) as redis:
-        variants = {"serve": SERVE, **({"serve_with_torch": SERVE_WITH_TORCH} if args.with_torch else {})}
-        for _ in range(1):  # one warm-up start: the first start also pays for cold file caches
-            one_run(SERVE, args.checkpoint, redis.url)
-        for name, code in variants.items():
-            result[name] = series(code, args.checkpoint, redis.url, args.repeats)
+        runs = interleaved({name: start(code, redis.url) for name, code in variants.items()}, args.repeats)
+
+    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "repeats": args.repeats}
+    for name, results in runs.items():
+        report[name] = {k: round(statistics.median(r[k] for r in results), 3) for k in KEYS} | {"runs": results}
     if args.with_torch:
-        base, torch_ = result["serve"], result["serve_with_torch"]
-        result["ratios_serve_over_with_torch"] = {k: round(base[k] / torch_[k], 3) for k in base if k != "runs"}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (args.out / f"bench_api_start-cpu-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("serve", "serve_with_torch")}
-                     | {k: {kk: vv for kk, vv in v.items() if kk != "runs"}
-                        for k, v in result.items() if k in ("serve", "serve_with_torch")}, indent=2))
+        report["serve_over_with_torch"] = {name: value for k in KEYS for name, value in compare(
+            [r[k] for r in runs["serve"]], [r[k] for r in runs["serve_with_torch"]], k).items()}
+    out = run.write(report)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} if isinstance(v, dict) else v
+                      for k, v in report.items()}, indent=2))
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -18,11 +18,11 @@ Models have random weights (small, so eps is not the zero-init's 0) unless ``--c
 ones. The paper's bar: 256 CIFAR10 images in 17 s on a TPU v3-8, about 15 images/s at 1000 steps. Results:
 a table on stdout and JSON in ``$OUT`` if set, else ``benchmarks/results/``. A setting that fails (e.g. compile
 unavailable) is recorded with its error and the run goes on; ``--budget-s`` skips what is left once the run is
-that old.
+that old. No ratios are computed here: images/s are throughputs, ``outside_pct`` a share.
 
-    .venv/bin/python benchmarks/bench_gpu.py                  # one GPU: the full run (~8 min budget)
-    .venv/bin/python benchmarks/bench_gpu.py --quality-only   # the quality comparison alone, 1000 steps
-    .venv/bin/python benchmarks/bench_gpu.py --quick          # CPU sanity run, tiny settings (~1 min)
+    .venv/bin/python -m benchmarks.bench_gpu                  # one GPU: the full run (~8 min budget)
+    .venv/bin/python -m benchmarks.bench_gpu --quality-only   # the quality comparison alone, 1000 steps
+    .venv/bin/python -m benchmarks.bench_gpu --quick          # CPU sanity run, tiny settings (~1 min)
 """
 
 from __future__ import annotations
@@ -30,28 +30,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.common import Run, add_out_argument, cpu_model, set_threads, sync
+from benchmarks.models import random_model
 from model.config import MODEL_PRESETS
-from model.diffusion import GaussianDiffusion
 from model.images import to_uint8
 from model.inference import InferenceOptions
 from model.sampler import sample
-from model.unet import UNet
 from service.engine import Engine, JobSpec, Progress, ServedModel
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_IMAGES_PER_S = 256 / 17  # TPU v3-8, 1000 steps (Ho et al. 2020, Section 4)
 GPU_SETTINGS = ["fp32", "fp32+graphs", "bf16+cl", "bf16+cl+graphs", "bf16+cl+compile", "bf16+cl+compile+graphs"]
 CPU_SETTINGS = ["fp32", "fp32+cl", "bf16", "bf16+cl"]
@@ -76,19 +69,8 @@ def build(preset: str, device: torch.device, options: InferenceOptions, batch_in
     if checkpoint:
         return ServedModel.load(Path(checkpoint).stem, checkpoint, device, batch_invariant=batch_invariant,
                                 options=options)
-    cfg = MODEL_PRESETS[preset]
-    torch.manual_seed(0)
-    unet = UNet(cfg.unet)
-    with torch.no_grad():  # the paper's zero-init output layers would make eps identically 0
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion, device=device)
-    return ServedModel(preset, unet.to(device), diffusion, batch_invariant=batch_invariant, options=options)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    unet, diffusion = random_model(preset, device)
+    return ServedModel(preset, unet, diffusion, batch_invariant=batch_invariant, options=options)
 
 
 def time_unet(model: ServedModel, batch: int, warmup: int, steps: int) -> float:
@@ -272,6 +254,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip timings left after this many seconds")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a CPU sanity run")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.preset, args.batches, args.warmup, args.timed_steps = "tiny", [1, 4], 2, 5
@@ -285,21 +268,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    run = Run("bench_gpu", args, args.device, argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     deadline = time.monotonic() + args.budget_s
-    report: dict[str, Any] = {"script": "bench_gpu", "preset": args.preset, "checkpoint": args.checkpoint,
-                              "device": str(device), "device_name": name,
-                              "torch": torch.__version__, "threads": torch.get_num_threads(), "settings": args.settings,
-                              "batches": args.batches, "timed_steps": args.timed_steps, "warmup": args.warmup,
-                              "engine_steps": args.engine_steps, "paper_images_per_s": PAPER_IMAGES_PER_S,
-                              "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                              "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "unet": [], "engine": []}
+    report: dict[str, Any] = {
+        "preset": args.preset, "checkpoint": args.checkpoint, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "settings": args.settings, "batches": args.batches, "timed_steps": args.timed_steps, "warmup": args.warmup,
+        "engine_steps": args.engine_steps, "paper_images_per_s": PAPER_IMAGES_PER_S,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "unet": [], "engine": []}
+
     if not args.quality_only:
         for label in args.settings:
             run_setting(args, device, label, deadline, report["unet"], report["engine"])
@@ -308,13 +291,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quality or args.quality_only:
         report["quality"] = quality(args.preset, device, args.quality_settings, args.quality_images, args.quality_steps,
                                     max(args.batches), args.compile_mode, args.checkpoint)
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"bench_gpu-{device.type}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.write_text(json.dumps(report, indent=2))
+
+    out = run.write(report)
     print_tables(report)
     print(f"\nraw: {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

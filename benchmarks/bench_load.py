@@ -1,7 +1,8 @@
 """A bounded load test of the whole stack on loopback: many pollers and SSE clients plus steady job submissions.
 
 Starts ``ddpm up`` (what ``make run`` starts: a private redis-server, one ``ddpm worker`` and the API, as
-processes) on a free port, then for ``--duration`` seconds (or until ``--max-requests`` requests) runs:
+processes; ``benchmarks.up``) on a free port, then for ``--duration`` seconds (or until ``--max-requests``
+requests) runs:
 
 - ``--submitters`` threads, each submitting a job (``--num-images`` images, ``--steps`` steps) every
   ``--submit-interval`` seconds, ``--jobs`` jobs at most in all;
@@ -10,14 +11,15 @@ processes) on a free port, then for ``--duration`` seconds (or until ``--max-req
 
 Then it waits (at most ``--drain-timeout`` s) for every accepted job to end and stops the stack. It always stops
 by itself. Reported: responses by status code, 5xx count, lost jobs (accepted but not ``succeeded`` at the end,
-or unknown), p50/p99 latency of ``GET /jobs/{id}`` and ``POST /generate``, SSE streams completed.
+or unknown), p50/p99 latency of ``GET /jobs/{id}`` and ``POST /generate``, SSE streams completed. No ratios:
+this benchmark bounds latencies and counts failures.
 
-    .venv/bin/python benchmarks/bench_load.py [--duration 60] [--pollers 32] [--sse-clients 16]
+    .venv/bin/python -m benchmarks.bench_load [--duration 60] [--pollers 32] [--sse-clients 16]
 
 Every client runs in this one process (threads, one keep-alive connection each) on the same machine as the
 stack, so on a small machine the load generator competes with the server for the CPU: latencies are an upper
 bound. All clients share one address, so the per-client SSE limit is raised for the run. Output: one JSON object
-on stdout and in ``benchmarks/results/bench_load-<UTC time>.json``; exit status 1 on any 5xx or lost job.
+on stdout and in ``benchmarks/results/bench_load-<device>-<UTC time>.json``; exit status 1 on any 5xx or lost job.
 """
 
 from __future__ import annotations
@@ -25,58 +27,23 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from service.redis_server import free_port  # noqa: E402
-from service.settings import DEMO_CHECKPOINT  # noqa: E402
+from benchmarks.common import Run, add_out_argument
+from benchmarks.up import Up
+from service.settings import DEMO_CHECKPOINT
 
 TERMINAL = ("succeeded", "failed", "canceled")
-
-
-class Up:
-    """``ddpm up`` as a child process on a free port, with its own data directory."""
-
-    def __init__(self, checkpoint: Path, data_dir: Path, ready_timeout: float, threads: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DDPM_MAX_QUEUE_LENGTH": "1000",
-               "DDPM_MAX_SSE_PER_CLIENT": "1000", "DDPM_LOG_LEVEL": "WARNING"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "up", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--worker-metrics-port", "0", "--device", "cpu", "--checkpoint", f"demo={checkpoint}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        timer = threading.Timer(ready_timeout, self.proc.terminate)
-        timer.start()
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        timer.cancel()
-        if "ready" not in line:
-            self.stop()
-            raise RuntimeError(f"ddpm up did not become ready: {line!r}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+LOAD_ENV = {"DDPM_MAX_QUEUE_LENGTH": "1000", "DDPM_MAX_SSE_PER_CLIENT": "1000"}
 
 
 class Recorder:
@@ -202,7 +169,7 @@ def drain(url: str, jobs: list[str], timeout: float) -> dict[str, Any]:
             "created_to_ended": _percentiles(run_s)}
 
 
-def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
+def apply_load(args: argparse.Namespace, url: str) -> dict[str, Any]:
     rec, stop, budget = Recorder(args.max_requests), threading.Event(), [args.jobs]
     threads = [threading.Thread(target=submitter, args=(url, rec, stop, args, budget))
                for _ in range(args.submitters)]
@@ -229,8 +196,8 @@ def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (then it drains)")
     parser.add_argument("--max-requests", type=int, default=50_000, help="stop the load after this many")
@@ -244,22 +211,25 @@ def main() -> int:
     parser.add_argument("--num-images", type=int, default=2)
     parser.add_argument("--drain-timeout", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=1, help="the worker's torch threads")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the worker's device")
+    add_out_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = Run("bench_load", args, args.device, argv)
     with tempfile.TemporaryDirectory(prefix="ddpm-load-") as tmp:
-        up = Up(args.checkpoint, Path(tmp) / "redis", ready_timeout=300, threads=args.threads)
+        up = Up(args.checkpoint, Path(tmp), device=args.device, threads=args.threads, env=LOAD_ENV).start()
         try:
-            result = run(args, up.url)
+            result = apply_load(args, up.url)
         finally:
-            result_exit = up.stop()
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    result = {"benchmark": "bench_load", "utc": stamp, "args": {k: str(v) for k, v in vars(args).items()},
-              "ddpm_up_exit": result_exit, **result}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"bench_load-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+            up_exit = up.stop()
+    report = {"ddpm_up_exit": up_exit, **result}
+    print(json.dumps(report, indent=2))
+    print(f"wrote {run.write(report)}")
     return 1 if result["server_errors_5xx"] or result["lost_jobs"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
