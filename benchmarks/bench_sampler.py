@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import Run, add_out_argument, compare, interleaved, markdown_table, set_threads, timer
-from benchmarks.models import diffusers_unet_config, random_model
+from benchmarks.models import diffusers_config_from_unet, random_model
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.config import model_preset
 from model.convert import import_diffusers
@@ -102,7 +102,7 @@ def converted_cifar10(folder: Path, device: torch.device) -> tuple[Any, Any, Loa
     import diffusers
 
     torch.manual_seed(0)
-    unet: Any = diffusers.UNet2DModel(**diffusers_unet_config(model_preset("cifar10").unet))
+    unet: Any = diffusers.UNet2DModel(**diffusers_config_from_unet(model_preset("cifar10").unet))
     unet.eval()
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
                                         variance_type="fixed_large", clip_sample=True)

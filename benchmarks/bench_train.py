@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import Run, add_out_argument, compare, interleaved, markdown_table, set_threads, timer
-from benchmarks.models import diffusers_unet_config
+from benchmarks.models import diffusers_config_from_unet
 from model.train import Trainer, make_step_inputs
 from model.train_config import resolve_config
 
@@ -38,7 +38,7 @@ def diffusers_step(trainer: Trainer) -> Callable[[], None]:
     from diffusers.training_utils import EMAModel
 
     cfg = trainer.cfg
-    net: Any = diffusers.UNet2DModel(**diffusers_unet_config(trainer.config.unet))
+    net: Any = diffusers.UNet2DModel(**diffusers_config_from_unet(trainer.config.unet))
     net = net.to(trainer.device).train()
     ours, theirs = trainer.model.num_parameters(), sum(p.numel() for p in net.parameters())
     if ours != theirs:

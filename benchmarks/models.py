@@ -1,5 +1,6 @@
 """The models benchmarks time: random-weight U-Nets of a preset, checkpoints of them, the demo checkpoint when it is
-there, and the diffusers ``UNet2DModel`` config equivalent to one of ours (the reference in the diffusers comparisons).
+there; the diffusers ``UNet2DModel`` config equivalent to one of ours (the reference in the diffusers comparisons) is
+``model.convert.diffusers_config_from_unet``, re-exported here.
 
 Random weights are for timing only. A fresh U-Net's output layer is zero-initialised (the paper's choice), so its
 eps is identically 0; every parameter gets small Gaussian noise so the network computes something real.
@@ -10,17 +11,17 @@ This module knows the model package only; what is measured with these models is 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from model.checkpoint import save_checkpoint
-from model.config import UNetConfig, model_preset
+from model.config import model_preset
+from model.convert import diffusers_config_from_unet
 from model.diffusion import GaussianDiffusion
 from model.unet import UNet
 from service.settings import DEMO_CHECKPOINT
 
-__all__ = ["DEMO_CHECKPOINT", "demo_or_random_checkpoint", "diffusers_unet_config", "random_checkpoint",
+__all__ = ["DEMO_CHECKPOINT", "demo_or_random_checkpoint", "diffusers_config_from_unet", "random_checkpoint",
            "random_model"]
 
 
@@ -46,18 +47,3 @@ def random_checkpoint(path: Path, preset: str = "digits") -> Path:
 def demo_or_random_checkpoint(folder: Path) -> Path:
     """The demo checkpoint if it is there, else a random-weight ``digits`` one (the same compute) in ``folder``."""
     return DEMO_CHECKPOINT if DEMO_CHECKPOINT.is_file() else random_checkpoint(folder / "digits-random.safetensors")
-
-
-def diffusers_unet_config(cfg: UNetConfig) -> dict[str, Any]:
-    """The ``UNet2DModel`` config equivalent to ``cfg`` (the paper's layout, as google/ddpm-* use): attention
-    blocks at the resolutions in ``attn_resolutions``, sinusoidal embedding with ``freq_shift`` 1 and sin first."""
-    res = [cfg.image_size // 2**i for i in range(len(cfg.ch_mult))]
-    down = ["AttnDownBlock2D" if r in cfg.attn_resolutions else "DownBlock2D" for r in res]
-    up = ["AttnUpBlock2D" if r in cfg.attn_resolutions else "UpBlock2D" for r in reversed(res)]
-    return {
-        "sample_size": cfg.image_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "down_block_types": down, "up_block_types": up,
-        "layers_per_block": cfg.num_res_blocks, "freq_shift": 1, "flip_sin_to_cos": False,
-        "downsample_padding": 0, "norm_eps": cfg.norm_eps, "norm_num_groups": cfg.num_groups,
-        "attention_head_dim": None, "dropout": cfg.dropout,
-    }

@@ -38,6 +38,7 @@ __all__ = [
     "DiffusersFolder",
     "configure_parser",
     "convert_state_dict",
+    "diffusers_config_from_unet",
     "diffusion_config_from_diffusers",
     "import_diffusers",
     "locate_files",
@@ -205,6 +206,25 @@ def unet_config_from_diffusers(cfg: dict[str, Any], *, source: str | Path = "con
         )
     except (ValueError, TypeError) as exc:
         raise ConversionError(source, f"unsupported U-Net config: {exc}") from None
+
+
+def diffusers_config_from_unet(cfg: UNetConfig) -> dict[str, Any]:
+    """The inverse of ``unet_config_from_diffusers``: the ``UNet2DModel`` config of the same network, in the layout
+    the paper's released models use (google/ddpm-*: attention blocks at ``attn_resolutions`` on both paths,
+    sinusoidal embedding with ``freq_shift`` 1 and sin first, no downsample padding). One attention head only (the
+    paper's; diffusers sizes heads per level, which ``UNetConfig`` cannot say)."""
+    if cfg.num_heads != 1:
+        raise ValueError(f"num_heads={cfg.num_heads}: only one-head U-Nets have a single diffusers config here")
+    res = [cfg.image_size // 2**i for i in range(len(cfg.ch_mult))]
+    return {
+        "sample_size": cfg.image_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+        "down_block_types": ["AttnDownBlock2D" if r in cfg.attn_resolutions else "DownBlock2D" for r in res],
+        "up_block_types": ["AttnUpBlock2D" if r in cfg.attn_resolutions else "UpBlock2D" for r in reversed(res)],
+        "layers_per_block": cfg.num_res_blocks, "freq_shift": 1, "flip_sin_to_cos": False, "downsample_padding": 0,
+        "norm_eps": cfg.norm_eps, "norm_num_groups": cfg.num_groups, "attention_head_dim": None,
+        "dropout": cfg.dropout,
+    }
 
 
 _BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}

@@ -17,6 +17,7 @@ from model.checkpoint import load_checkpoint
 from model.config import DiffusionConfig, model_preset
 from model.convert import (
     ConversionError,
+    diffusers_config_from_unet,
     diffusion_config_from_diffusers,
     import_diffusers,
     unet_config_from_diffusers,
@@ -128,6 +129,15 @@ def test_cifar10_diffusers_config_is_our_cifar10_preset() -> None:
     # Same architecture, counted by both libraries (building the diffusers model takes about a second).
     ref = diffusers.UNet2DModel(**CIFAR10_DIFFUSERS)
     assert sum(p.numel() for p in ref.parameters()) == UNet(ours).num_parameters() == 35_746_307
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "256", "digits", "tiny"])
+def test_our_config_as_diffusers_maps_back_to_itself(preset: str) -> None:
+    ours = model_preset(preset).unet
+    theirs = diffusers_config_from_unet(ours)
+    assert unet_config_from_diffusers(theirs) == ours
+    if preset == "cifar10":  # the published google/ddpm-cifar10-32 config, key for key
+        assert theirs == {k: v for k, v in CIFAR10_DIFFUSERS.items() if k in theirs}
 
 
 def test_church_256_diffusers_config_is_our_256_preset() -> None:
