@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model.inference import InferenceOptions, default_options
-from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel
+from service.engine import Engine, JobRejected, JobSpec, Measurement, Progress, ServedModel
 
 
 @dataclass
@@ -25,6 +25,7 @@ class RecordingSink:
     frames: dict[str, list[int]] = field(default_factory=dict)
     progress: list[Progress] = field(default_factory=list)
     errors: dict[str, tuple[str, str]] = field(default_factory=dict)
+    measurements: dict[str, Measurement] = field(default_factory=dict)
 
     def sync(self, progress: Sequence[Progress], active: Sequence[str]) -> set[str]:
         self.progress.extend(progress)
@@ -36,6 +37,10 @@ class RecordingSink:
     def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
         self.events.append(("succeeded", job_id))
         self.images[job_id] = images.clone()
+
+    def measured(self, job_id: str, measurement: Measurement, last: Progress) -> None:
+        self.events.append(("measured", job_id))
+        self.measurements[job_id] = measurement
 
     def canceled(self, job_id: str) -> None:
         self.events.append(("canceled", job_id))

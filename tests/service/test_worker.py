@@ -177,7 +177,7 @@ def test_healthz_metrics_and_heartbeat(worker_process: StartWorker, store: JobSt
     text = body.decode()
     assert status == 200
     assert "ddpm_worker_model_loaded 1.0" in text
-    assert 'ddpm_jobs_finished_total{model="tiny",status="succeeded"} 1.0' in text
+    assert 'ddpm_jobs_finished_total{kind="generate",model="tiny",status="succeeded"} 1.0' in text
     assert 'ddpm_images_generated_total{model="tiny"} 2.0' in text
     assert 'ddpm_denoising_step_duration_seconds_count{model="tiny"} 8.0' in text
     assert http_get(worker.metrics_port, "/nope")[0] == 404
