@@ -128,6 +128,9 @@ def frame_png(job_id: str, index: int, store: Store, who: Who) -> Response:
 def image_png(job_id: str, index: int, store: Store, who: Who) -> Response:
     """Final image ``index`` of a succeeded job."""
     job = _get_job(store, job_id, who)
+    if job["kind"] == "likelihood":
+        raise ApiError(404, "not_found", f"job {job_id} measured a likelihood: it has no images (its result is in "
+                                         "GET /jobs/{id})")
     if job["status"] != JobState.SUCCEEDED:
         raise ApiError(404, "not_found", f"job {job_id} is {job['status']}: images exist once it has succeeded")
     if not 0 <= index < job["num_images"]:

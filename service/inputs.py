@@ -95,8 +95,9 @@ def _decode(data: bytes, field: str, max_pixels: int) -> tuple[Image.Image, str]
                                            f"{max_pixels} are accepted (DDPM_MAX_INPUT_PIXELS)")
             img.load()
             return upright(img), fmt
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLarge(field, f"the picture has more than the {max_pixels} pixels accepted") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own, larger bound
+        raise ImageTooLarge(field, f"the picture has more than the {max_pixels} pixels accepted "
+                                   f"(DDPM_MAX_INPUT_PIXELS): {exc}") from None
     except UnidentifiedImageError:
         raise RequestInvalid(field, f"is not a PNG or JPEG picture (accepted: {', '.join(FORMATS)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
