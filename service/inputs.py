@@ -1,13 +1,15 @@
 """Input images of jobs: an upload (base64 PNG or JPEG, or a ``data:`` URL of one) or a reference to a finished
 job's image, fitted to the model and stored as the PNG the worker reads.
 
-    decode_upload(text, field, max_pixels)   base64 / data URL -> a loaded picture (PNG or JPEG only)
+    decode_upload(text, field, max_pixels)   base64 / data URL -> a decoded, upright picture and its format (PNG
+                                              or JPEG only)
     fitted_png(picture, size, channels)       the picture fitted to the model (``model.image_fit``), as PNG bytes
-    InputImages                               the whole step for a request: uploads and references alike
+    InputImages                               the whole step for a request: uploads and references (read through
+                                              a callable the API gives, which applies the owner rules) alike
 
 Refusals name the field (``init_image``, ``images[1]``, ``images[0].job``): ``RequestInvalid`` (422) for text that
-is not base64, a picture that is not a PNG or JPEG or cannot be decoded, a reference to a job that is unknown,
-expired, another key's (the same answer as unknown), unfinished or without that image; ``ImageTooLarge`` (413
+is not base64, a picture that is not a PNG or JPEG or cannot be decoded (and, from the reader the API gives, a
+reference to a job that is unknown, another key's, unfinished or without that image); ``ImageTooLarge`` (413
 ``image_too_large``) for a picture over ``max_pixels`` pixels, checked from its header before any pixel is
 decoded (decompression bombs). The body's size is bounded before this runs (``DDPM_MAX_UPLOAD_BYTES``).
 

@@ -221,8 +221,8 @@ class Limits:
     max_num_images: int
     max_steps: int
     max_image_steps: int
-    max_frames: int = 100
-    max_input_pixels: int = 4096 * 4096
+    max_frames: int
+    max_input_pixels: int
 
     def ranges(self) -> dict[str, tuple[float, float | str]]:
         """Each bounded field's allowed (min, max), for messages and the OpenAPI schema."""

@@ -366,7 +366,7 @@ def rate_limit(request: Request) -> None:
 # ---- error handlers ----------------------------------------------------------------------------------------
 def _allowed_fields(request: Request, loc: list[str | int]) -> str:
     """`` (allowed: a, b, c)``: the fields of the route's body model where an unknown top-level field was sent
-    (FastAPI's ``APIRoute.body_field``; tests/service/test_operations.py holds it), else nothing."""
+    (FastAPI's ``APIRoute.body_field``; tests/service/test_inputs.py holds it), else nothing."""
     body = getattr(request.scope.get("route"), "body_field", None)
     model = getattr(getattr(body, "field_info", None), "annotation", None)
     fields = getattr(model, "model_fields", None)
