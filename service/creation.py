@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request, Response
 
 from service import metrics
 from service.deps import Store, Who, visible_job
-from service.idempotency import Idempotency
+from service.idempotency import Idempotency, IdempotentCreation
 from service.inputs import FittedInput, InputImages
 from service.openapi import LOCATION
 from service.queue import JobState, JobStore
@@ -96,7 +96,7 @@ def _fit(resolved: Resolved, meta: dict[str, Any], limits: Limits, store: JobSto
 
 
 def _create(body: R, resolve: Resolver[R], request: Request, response: Response, store: JobStore, who: Caller,
-            idempotency: Any) -> GenerateAccepted:
+            idempotency: IdempotentCreation) -> GenerateAccepted:
     """The one way a job is made: resolve, check the webhook, fit the pictures, queue (once per key)."""
     state = request.app.state
     catalog, settings, limits = state.catalog, state.settings, state.limits
@@ -130,7 +130,7 @@ def _create(body: R, resolve: Resolver[R], request: Request, response: Response,
         job = store.get(job_id)
         return None if job is None else _accepted(job_id, job["status"])
 
-    accepted: GenerateAccepted = idempotency.run(body, create, existing)
+    accepted = idempotency.run(body, create, existing)
     response.headers["Location"] = accepted.status_url
     return accepted
 
