@@ -52,6 +52,7 @@ from model.inference import InferenceOptions, PreparedUNet, buckets, default_opt
 from model.latents import interpolation_chain, reconstruction_chain
 from model.sampler import SAMPLERS, Chain, ImageNoise, SamplerName, Step, StepDriven
 from model.unet import UNet
+from service.resolve import DEFAULT_RD_POINTS
 from service.schemas import JOB_KINDS
 
 __all__ = ["Engine", "EngineSink", "JobRejected", "JobSpec", "Measurement", "Progress", "ServedModel", "TickStats"]
@@ -91,7 +92,7 @@ class JobSpec:
     shared_latent: bool = False
     t: int | None = None  # interpolate: the timestep of both encodings
     lambdas: tuple[float, ...] = ()
-    rd_points: int = 20  # likelihood: timesteps of the rate-distortion curve
+    rd_points: int = DEFAULT_RD_POINTS  # likelihood: timesteps of the rate-distortion curve
 
     @classmethod
     def from_request(cls, job_id: str, model: str, request: Mapping[str, Any], kind: str = "generate",
@@ -108,7 +109,7 @@ class JobSpec:
                        kind=kind, inputs=inputs, start_t=None if start_t is None else int(start_t),
                        shared_latent=bool(request.get("shared_latent")), t=None if t is None else int(t),
                        lambdas=tuple(float(v) for v in request.get("lambdas") or ()),
-                       rd_points=int(request.get("rd_points") or 20))
+                       rd_points=int(request.get("rd_points") or DEFAULT_RD_POINTS))
         except (KeyError, TypeError, ValueError) as exc:
             raise JobRejected("invalid_request", f"the stored request is incomplete or malformed ({exc!r}); "
                                                  "submit it again") from None
@@ -239,7 +240,8 @@ class ServedModel:
 
     def measurement(self, spec: JobSpec, chain: BoundChain) -> Measurement:
         clip = self.diffusion.clip_denoised if chain.clip is None else chain.clip
-        return Measurement(chain.result(), rd_grid(self.diffusion.num_timesteps, spec.rd_points),
+        T = self.diffusion.num_timesteps
+        return Measurement(chain.result(), rd_grid(T, max(1, min(spec.rd_points, T))),
                            self.options.precision, bool(clip))
 
 

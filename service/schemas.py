@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
@@ -48,7 +48,7 @@ Sampler = Literal["ddpm", "ddim"]
 Variance = Literal["fixedlarge", "fixedsmall"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 JobKind = Literal["generate", "interpolate", "likelihood"]  # the route that made the job
-JOB_KINDS: tuple[str, ...] = ("generate", "interpolate", "likelihood")
+JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 WebhookEvent = Literal["start", "frame", "completed"]  # service.webhooks.outbox.EVENTS
 
 
