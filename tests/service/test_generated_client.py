@@ -153,3 +153,31 @@ def test_bad_requests_get_the_typed_error(generated: Callable[[str], ModuleType]
     not_a_number = frame_png.sync_detailed("0" * 32, "first", client=client)  # what a hand-built URL may send
     assert not_a_number.status_code == 422 and isinstance(not_a_number.parsed, models.ErrorBody)
     assert not_a_number.parsed.error.code == "invalid_request" and "index" in not_a_number.parsed.error.message
+
+
+def test_the_other_operations_and_animations_through_the_generated_client(
+        generated: Callable[[str], ModuleType], client: Any) -> None:
+    import base64
+
+    models = generated("models")
+    first = _submit(generated, client, num_images=2, steps=4, seed=3)
+    _wait(generated, client, first, {"succeeded"})
+    buf = io.BytesIO()
+    Image.new("RGB", (10, 8), (10, 200, 90)).save(buf, format="PNG")
+    upload = base64.b64encode(buf.getvalue()).decode()
+    body = models.InterpolateRequest(images=[models.ImageRef(job=first, index=0), upload], t=4, lambdas=[0, 1])
+    answer = generated("api.jobs.interpolate").sync_detailed(client=client, body=body)
+    assert answer.status_code == 202 and isinstance(answer.parsed, models.GenerateAccepted), answer
+    job = _wait(generated, client, answer.parsed.id, {"succeeded", "failed", "canceled"})
+    assert job.kind.value == "interpolate" and len(job.images) == 2
+    measured = generated("api.jobs.likelihood").sync_detailed(client=client, body=models.LikelihoodRequest(
+        images=[upload], seed=1, rd_points=3))
+    assert measured.status_code == 202, measured
+    job = _wait(generated, client, measured.parsed.id, {"succeeded", "failed", "canceled"})
+    assert isinstance(job.result, models.LikelihoodResult) and len(job.result.bits_per_dim) == 1
+    assert [p.t for p in job.result.rate_distortion] == [1, 21, 40] and len(job.result.terms[0]) == 41
+    webp = generated("api.jobs.animation_webp").sync_detailed(job.id, client=client)
+    assert webp.status_code == 200 and webp.parsed.payload.read()[:4] == b"RIFF"
+    too_big = generated("api.jobs.likelihood").sync_detailed(client=client, body=models.LikelihoodRequest(
+        images=[upload] * 17))
+    assert too_big.status_code == 422 and isinstance(too_big.parsed, models.ErrorBody)
