@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from model.image_fit import fit_picture, upright
 
 __all__ = ["fit_image", "from_uint8", "grid", "load_image", "png_bytes", "save_png", "strip", "to_pil", "to_uint8"]
 
@@ -72,19 +74,9 @@ def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> None:
 
 
 def fit_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Any picture in the model's shape: (size, size, C) uint8.
-
-    The rule (one place, used for data sets and input images alike): convert to L (1 channel) or RGB
-    (3 channels), resize the shorter side to ``size`` (bicubic, antialiased), centre-crop the longer one.
-    """
-    img = img.convert("L" if channels == 1 else "RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    """Any picture in the model's shape: (size, size, C) uint8, by ``model.image_fit.fit_picture`` (the one rule
+    for data sets and input images alike: L or RGB, shorter side resized bicubic, centre-cropped)."""
+    arr = np.asarray(fit_picture(img, size, channels), dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -97,4 +89,4 @@ def load_image(path: str | os.PathLike[str], size: int, channels: int) -> torch.
     """A picture file (PNG, JPEG, ... as Pillow reads it; EXIF orientation applied) as (1, C, size, size) in
     [-1, 1], fitted by ``fit_image``."""
     with Image.open(path) as img:
-        return from_uint8(fit_image(ImageOps.exif_transpose(img), size, channels))
+        return from_uint8(fit_image(upright(img), size, channels))

@@ -1,9 +1,10 @@
-"""The HTTP API (FastAPI): routes and the app factory. ``ddpm serve`` runs it. With ``service.web`` (the error
-shape and handlers, auth, middleware) it is the only place errors become HTTP status codes.
+"""The HTTP API (FastAPI): the routes that read and cancel jobs, the service routes, and the app factory.
+``ddpm serve`` runs it. The job-creating routes are ``service.creation``'s; with ``service.web`` (the error shape
+and handlers, auth, middleware) these are the only places errors become HTTP status codes.
 
-``create_app(settings)`` wires routes, middleware (client address, body-size limit, CORS, request metrics) and
-error handlers;
-the Redis client and the checkpoint metadata are opened in the app's lifespan, never at import time. Routes
+``create_app(settings)`` wires routes, middleware (client address, body-size limits, CORS, request metrics) and
+error handlers; the Redis client and the checkpoint metadata are opened in the app's lifespan, never at import
+time. Routes
 talk to Redis only through ``service.queue.JobStore``; sync routes run in FastAPI's thread pool and the SSE
 stream reads Redis in worker threads, so nothing blocks the event loop. The API never loads a model: it reads
 checkpoint metadata (T, image size) to resolve requests, and the worker does the sampling.
@@ -16,8 +17,8 @@ are accepted and wait in the queue.
 Every error has the shape ``{"error": {"code", "message"}}``:
 
     400/422 invalid_request   401 unauthorized   403 forbidden   404 not_found   408 request_timeout   410 expired
-    413 body_too_large   429 queue_full | rate_limited | too_many_streams (Retry-After)
-    503 store_unavailable | model_unavailable
+    413 body_too_large | image_too_large   429 queue_full | rate_limited | too_many_streams (Retry-After)
+    503 store_unavailable | store_full | model_unavailable
 """
 
 from __future__ import annotations
@@ -44,32 +45,17 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from model.checkpoint_meta import CheckpointError, read_metadata
 from service import apidocs, metrics, openapi
+from service.animation import MEDIA_TYPES, AnimationFormat, animate
+from service.catalog import WORKER_MAX_AGE_SECONDS, ModelCatalog, live_workers_per_model
+from service.creation import UPLOAD_ROUTES, creating
+from service.deps import Store, Who, not_found, visible_job
 from service.http_server import server_config
 from service.idempotency import HEADER as IDEMPOTENCY_HEADER
-from service.idempotency import REPLAYED_HEADER, Idempotency
-from service.openapi import EVENT_STREAM, LOCATION, PNG, PROMETHEUS_TEXT
-from service.queue import (
-    TERMINAL_STATES,
-    CircuitBreaker,
-    JobState,
-    JobStore,
-    StoreUnavailable,
-    connect,
-    is_valid_job_id,
-)
-from service.schemas import (
-    GenerateAccepted,
-    GenerateRequest,
-    JobView,
-    Limits,
-    ModelInfo,
-    ModelsView,
-    ReadyView,
-    RequestInvalid,
-    resolve_request,
-)
+from service.idempotency import REPLAYED_HEADER
+from service.openapi import ANIMATION, EVENT_STREAM, PNG, PROMETHEUS_TEXT
+from service.queue import TERMINAL_STATES, CircuitBreaker, JobState, JobStore, StoreFull, StoreUnavailable, connect
+from service.schemas import JobView, Limits, ModelsView, ReadyView, RequestInvalid
 from service.settings import Settings, describe_validation_error, get_settings
 from service.views import job_view
 from service.web import (
@@ -81,104 +67,27 @@ from service.web import (
     MetricsMiddleware,
     RefusedKeys,
     TrustedProxies,
-    caller,
     client_id,
     install_error_handlers,
     rate_limit,
     require_key,
     responses,
 )
-from service.webhooks import WebhookPolicy, requested_subscription
-from service.webhooks.outbox import Outbox
+from service.webhooks import WebhookPolicy
 
 __all__ = ["ApiError", "configure_parser", "create_app", "main"]
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-WORKER_MAX_AGE_SECONDS = 15.0  # a worker whose heartbeat is older is not counted as live
-
-
-# ---- state -------------------------------------------------------------------------------------------------
-class ModelCatalog:
-    """Metadata of the configured checkpoints, read without loading weights. A file that cannot be read yet
-    (e.g. still being trained) is retried on each look-up, so it becomes available without a restart."""
-
-    def __init__(self, checkpoints: dict[str, str]):
-        self.files = dict(checkpoints)
-        self.default = next(iter(self.files))
-        self._meta: dict[str, dict[str, Any]] = {}
-        self._errors: dict[str, str] = {}
-
-    def refresh(self) -> None:
-        for name, path in self.files.items():
-            if name in self._meta:
-                continue
-            try:
-                self._meta[name] = read_metadata(path)
-                self._errors.pop(name, None)
-            except CheckpointError as exc:
-                if self._errors.get(name) != str(exc):
-                    log.warning("model %s unavailable: %s", name, exc)
-                self._errors[name] = str(exc)
-
-    def available(self) -> dict[str, dict[str, Any]]:
-        self.refresh()
-        return dict(self._meta)
-
-    def info(self, workers: dict[str, int] | None) -> list[ModelInfo]:
-        """Every configured model; ``workers``: live workers per model (None: unknown, the store is away)."""
-        self.refresh()
-        out = []
-        for name in self.files:
-            meta = self._meta.get(name)
-            serving = None if workers is None else workers.get(name, 0)
-            if meta is None:
-                out.append(ModelInfo(name=name, default=name == self.default, available=False, workers=serving,
-                                     error=self._errors.get(name)))
-                continue
-            diffusion = meta["diffusion_config"]
-            out.append(ModelInfo(name=name, default=name == self.default, available=True, workers=serving,
-                                 image_size=meta["image_size"], channels=meta["channels"],
-                                 num_timesteps=diffusion["num_timesteps"], variance=diffusion["variance"],
-                                 dataset=meta["dataset"], metadata=meta))
-        return out
-
-
-def live_workers_per_model(store: JobStore, models: list[str]) -> dict[str, int]:
-    """How many workers with a recent heartbeat serve each of ``models`` (raises ``StoreUnavailable``)."""
-    counts = dict.fromkeys(models, 0)
-    for worker in store.live_workers(WORKER_MAX_AGE_SECONDS):
-        for model in set(worker.get("models") or []) & counts.keys():
-            counts[model] += 1
-    return counts
-
-
-def _store(request: Request) -> JobStore:
-    return request.app.state.store  # type: ignore[no-any-return]
-
-
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
-
-
-Store = Annotated[JobStore, Depends(_store)]
-Who = Annotated[Caller, Depends(caller)]
 
 
 # ---- job views ---------------------------------------------------------------------------------------------
-def _not_found(job_id: str, ttl: int) -> ApiError:
-    return ApiError(404, "not_found", f"no job {job_id}: the id is unknown or the job expired (jobs and their "
-                                      f"frames and images are kept {ttl} s); expired jobs answer 404, not 410")
-
-
 def _get_job(store: JobStore, job_id: str, who: Caller) -> dict[str, Any]:
     """The job record, if it exists and ``who`` may see it; else 404 (the same answer: another key's job is
     indistinguishable from an unknown one)."""
-    if not is_valid_job_id(job_id):  # never reaches Redis
-        raise _not_found(job_id, store.ttl)
-    job = store.get(job_id)
-    if job is None or not who.may_see(job.get("owner")):
-        raise _not_found(job_id, store.ttl)
+    job = visible_job(store, job_id, who)
+    if job is None:
+        raise not_found(job_id, store.ttl)
     return job
 
 
@@ -192,53 +101,6 @@ def _png(data: bytes | None, what: str) -> Response:
 jobs = APIRouter(tags=["jobs"])
 info = APIRouter(tags=["service"])
 health = APIRouter(tags=["health"])
-
-
-def _accepted(job_id: str, status: str) -> GenerateAccepted:
-    return GenerateAccepted(id=job_id, status=status, status_url=f"/jobs/{job_id}",  # type: ignore[arg-type]
-                            events_url=f"/jobs/{job_id}/events")
-
-
-@jobs.post("/generate", status_code=202, response_model=GenerateAccepted, response_description="queued",
-           responses={202: {"headers": LOCATION},
-                      200: {"model": GenerateAccepted, "headers": LOCATION,
-                            "description": "an Idempotency-Key replay: the job the first request with this key "
-                                           "created"},
-                      **responses(400, 409, 413, 422, 503)})
-def generate(body: GenerateRequest, request: Request, response: Response, store: Store, who: Who,
-             idempotency: Idempotency) -> GenerateAccepted:
-    """Queue a generation job; poll ``status_url``, stream ``events_url``, or name a ``webhook``. With an
-    ``Idempotency-Key`` a retried request returns the job the first one created (200) instead of a new one."""
-    settings, catalog = _settings(request), request.app.state.catalog
-    models = catalog.available()
-    name = catalog.default if body.model is None else body.model
-    if name in catalog.files and name not in models:
-        raise ApiError(503, "model_unavailable", f"model {name!r} is configured but its checkpoint cannot be "
-                                                 "read by the API yet; see GET /models")
-    resolved = resolve_request(body, request.app.state.limits, models, catalog.default)
-    hook = requested_subscription(body.webhook, body.webhook_events_filter, request.app.state.webhook_policy)
-
-    def create(job_id: str) -> GenerateAccepted:
-        if hook is not None:  # before the job exists: no event of it can be missed
-            Outbox(store.redis).subscribe(job_id, hook.url, hook.events, store.ttl, time.time())
-        try:
-            store.submit(resolved.to_dict(), resolved.model, num_images=resolved.num_images,
-                         total_steps=resolved.steps, seeds=[resolved.seed] * resolved.num_images,
-                         max_queue_length=settings.max_queue_length, owner=who.key, job_id=job_id)
-        except BaseException:
-            if hook is not None:
-                Outbox(store.redis).discard(job_id)
-            raise
-        metrics.JOBS_SUBMITTED.labels(resolved.model).inc()
-        return _accepted(job_id, "queued")
-
-    def existing(job_id: str) -> GenerateAccepted | None:
-        job = store.get(job_id)
-        return None if job is None else _accepted(job_id, job["status"])
-
-    accepted = idempotency.run(body, create, existing)
-    response.headers["Location"] = accepted.status_url
-    return accepted
 
 
 @jobs.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=False,
@@ -266,11 +128,54 @@ def frame_png(job_id: str, index: int, store: Store, who: Who) -> Response:
 def image_png(job_id: str, index: int, store: Store, who: Who) -> Response:
     """Final image ``index`` of a succeeded job."""
     job = _get_job(store, job_id, who)
+    if job["kind"] == "likelihood":
+        raise ApiError(404, "not_found", f"job {job_id} measured a likelihood: it has no images (its result is in "
+                                         "GET /jobs/{id})")
     if job["status"] != JobState.SUCCEEDED:
         raise ApiError(404, "not_found", f"job {job_id} is {job['status']}: images exist once it has succeeded")
     if not 0 <= index < job["num_images"]:
         raise ApiError(404, "not_found", f"job {job_id} has images 0..{job['num_images'] - 1}")
     return _png(store.image_png(job_id, index), f"image {index} of job {job_id}")
+
+
+def _animation(store: JobStore, job_id: str, who: Caller, fmt: AnimationFormat) -> Response:
+    """The job's frames as an animated ``fmt`` image, made on the first request once the job has ended and then
+    served from the store for as long as the job lives (best effort: not kept while the store is past its
+    high-water mark, so caches never take the room kept for admitted jobs)."""
+    job = _get_job(store, job_id, who)
+    if job["status"] not in TERMINAL_STATES:
+        raise ApiError(404, "not_found", f"job {job_id} is {job['status']}: its animation is made once it has "
+                                         "ended (its frames so far: GET /jobs/{id})")
+    if job["num_frames"] == 0:
+        raise ApiError(404, "not_found", f"job {job_id} has no frames to animate")
+    data = store.animation(job_id, fmt)
+    if data is None:
+        frames = [store.frame_png(job_id, i) for i in range(job["num_frames"])]
+        if any(f is None for f in frames):
+            raise ApiError(410, "expired", f"frames of job {job_id} have expired")
+        data = animate([f for f in frames if f is not None], fmt)
+        try:
+            if store.has_room():
+                store.keep_animation(job_id, fmt, data)
+        except StoreFull:  # Redis refused the write: serve it anyway, uncached
+            log.warning("animation of job %s not cached: the store is full", job_id)
+    return Response(data, media_type=MEDIA_TYPES[fmt], headers={"Cache-Control": "private, max-age=3600"})
+
+
+@jobs.get("/jobs/{job_id}/animation.webp", response_class=Response,
+          responses={**ANIMATION["webp"], **responses(404, 410, 422, 503)})
+def animation_webp(job_id: str, store: Store, who: Who) -> Response:
+    """The job's x0-hat frames as an animated WebP (lossless, looping; the last frame held), once the job has
+    ended."""
+    return _animation(store, job_id, who, "webp")
+
+
+@jobs.get("/jobs/{job_id}/animation.gif", response_class=Response,
+          responses={**ANIMATION["gif"], **responses(404, 410, 422, 503)})
+def animation_gif(job_id: str, store: Store, who: Who) -> Response:
+    """The job's x0-hat frames as an animated GIF (256 colours per frame, looping; the last frame held), once the
+    job has ended."""
+    return _animation(store, job_id, who, "gif")
 
 
 @jobs.delete("/jobs/{job_id}", response_model=JobView,
@@ -284,7 +189,7 @@ def cancel_job(job_id: str, store: Store, response: Response, who: Who) -> JobVi
     job = _get_job(store, job_id, who)
     state = store.cancel(job_id)
     if state is None:
-        raise _not_found(job_id, store.ttl)
+        raise not_found(job_id, store.ttl)
     if state not in TERMINAL_STATES:
         response.status_code = 202
     return job_view(store, _get_job(store, job["id"], who), since=-1, inline=False)
@@ -369,7 +274,7 @@ def _take_stream_slot(request: Request) -> Callable[[], None]:
     """One of the client's ``max_sse_per_client`` SSE slots (429 ``too_many_streams`` when all are in use);
     returns the function that gives it back (idempotent). Runs on the event loop: no lock needed."""
     open_now: dict[str, int] = request.app.state.sse_open
-    who, limit = client_id(request), _settings(request).max_sse_per_client
+    who, limit = client_id(request), request.app.state.settings.max_sse_per_client
     if open_now.get(who, 0) >= limit:
         raise ApiError(429, "too_many_streams", f"at most {limit} event streams per client at a time; close one "
                                                 "or poll GET /jobs/{id}", headers={"Retry-After": "1"})
@@ -485,7 +390,8 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     app = FastAPI(title="DDPM generation service", version="0.1.0", lifespan=lifespan,
                   generate_unique_id_function=openapi.operation_id,
                   openapi_url=None, docs_url=None, redoc_url=None,  # added by apidocs.install, behind the key
-                  description="Generate images with DDPM checkpoints; watch x0-hat frames as they denoise.\n\n"
+                  description="Generate images with DDPM checkpoints and watch x0-hat frames as they denoise; "
+                              "reconstruct, vary and interpolate pictures; measure their likelihood.\n\n"
                               "Errors: `{\"error\": {\"code\", \"message\"}}`.")
     app.state.keys = ApiKeys(settings.api_keys, settings.admin_api_keys)  # the app keeps the keys' digests only
     app.state.refused_keys = RefusedKeys(settings.auth_failures_per_minute)
@@ -493,12 +399,13 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
     app.state.webhook_policy = WebhookPolicy.from_settings(settings)  # whether secrets are set, not the secrets
     app.state.catalog = ModelCatalog(settings.checkpoints)
     app.state.limits = Limits(settings.max_num_images, settings.max_steps, settings.max_image_steps,
-                              settings.max_frames_per_job)
+                              settings.max_frames_per_job, settings.max_input_pixels)
     app.state.sse_open = {}  # client id -> SSE streams open now (this process)
     app.state.sse_keepalive_s, app.state.sse_block_ms = sse_keepalive_s, sse_block_ms
     # Without keys the routes are open and the OpenAPI schema declares no security.
     protected = [Depends(require_key)] if app.state.keys.enabled else []
     protected.append(Depends(rate_limit))  # a no-op unless rate_limit_per_minute is set
+    app.include_router(creating, dependencies=protected, responses=responses(401, 403, 429))
     app.include_router(jobs, dependencies=protected, responses=responses(401, 403, 429))
     app.include_router(info, dependencies=protected, responses=responses(401, 403, 429))
     app.include_router(health)
@@ -512,7 +419,8 @@ def create_app(settings: Settings | None = None, *, sse_keepalive_s: float = 15.
 
     install_error_handlers(app)
     openapi.install(app, app.state.limits, list(settings.checkpoints))
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       routes=dict.fromkeys(UPLOAD_ROUTES, settings.max_upload_bytes))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Last-Event-ID",

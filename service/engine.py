@@ -1,13 +1,21 @@
-"""The batching engine: many jobs' reverse chains advanced together, one U-Net forward per model per tick.
+"""The batching engine: many jobs' chains advanced together, one U-Net forward per model per tick.
 
-Each job is a ``model.sampler.Chain`` over its own images. A *tick* is one denoising step for every job that
-fits in the batch:
+Each job drives one step-driven chain (``model.sampler.StepDriven``) over its own rows, by its kind:
+
+    generate      ``Chain`` from x_T ~ N(0, I); with an input picture, ``model.latents.reconstruction_chain``
+                  (x_t ~ q(x_t | x_0) at ``start_t``, then the reverse chain): rows are the images made
+    interpolate   ``model.latents.interpolation_chain``: one row per lambda
+    likelihood    ``model.bound.BoundChain``: one row per picture measured, T steps (one term of the bound each)
+
+Every one of them asks the network for eps on ``(x_t, t)`` rows that are independent of each other, so they all
+batch together. A *tick* is one step for every job that fits in the batch:
 
 1. pick jobs first come, first served until ``max_batch_size`` images (a job larger than that runs alone);
 2. per model, concatenate their ``(x_t, t)`` into one forward pass; t is per sample, so jobs at different
    steps, with different samplers or step counts share the pass: the network only sees ``(x_t, t)``, and each
    job's own update (DDPM or DDIM, respaced or not) is its Chain's ``step`` on its slice of eps;
-3. step each chain (x0-hat only on preview steps), hand frames and final images to the sink;
+3. step each chain (x0-hat only on preview steps), hand frames and the final images (a likelihood job: its
+   measurement) to the sink;
 4. one ``sink.sync`` call: progress of the jobs that stepped (throttled) and the cancel check of all active
    jobs, so the worker can make it a single Redis round-trip; canceled jobs leave before the next tick.
 
@@ -23,7 +31,7 @@ images are still identical alone or batched (tested), only different from fp32's
 No host<->device synchronisation in a tick: schedules and timesteps are device tensors, the step counters are
 Python ints, and the only reads back to the host are the sink's, on frames and final images.
 
-This module knows the sampler and torch; it does not know Redis, RQ, HTTP or PNG files (the sink does).
+This module knows the model's chains and torch; it does not know Redis, RQ, HTTP or PNG files (the sink does).
 """
 
 from __future__ import annotations
@@ -36,14 +44,18 @@ from typing import Any, Protocol
 
 import torch
 
+from model.bound import BoundChain, Likelihood, rd_grid
 from model.checkpoint import load_checkpoint
 from model.config import VARIANCE_TYPES
 from model.diffusion import GaussianDiffusion
 from model.inference import InferenceOptions, PreparedUNet, buckets, default_options, prepare
-from model.sampler import SAMPLERS, Chain, ImageNoise, SamplerName
+from model.latents import interpolation_chain, reconstruction_chain
+from model.sampler import SAMPLERS, Chain, ImageNoise, SamplerName, Step, StepDriven
 from model.unet import UNet
+from service.resolve import DEFAULT_RD_POINTS
+from service.schemas import JOB_KINDS
 
-__all__ = ["Engine", "EngineSink", "JobRejected", "JobSpec", "Progress", "ServedModel", "TickStats"]
+__all__ = ["Engine", "EngineSink", "JobRejected", "JobSpec", "Measurement", "Progress", "ServedModel", "TickStats"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +70,12 @@ class JobRejected(Exception):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What one job asks for (the API resolved every default before submitting)."""
+    """What one job asks for (the API resolved every default before submitting). Timesteps are the paper's.
+
+    ``num_images``: the job's rows (images made; for likelihood, pictures measured). ``inputs``: its input
+    pictures (N, C, H, W) in [-1, 1] on the 8-bit grid, for a generate job with an input picture (one), an
+    interpolation (two) and a likelihood job (one per row); None otherwise.
+    """
 
     job_id: str
     model: str
@@ -69,18 +86,68 @@ class JobSpec:
     eta: float = 0.0
     variance: str | None = None
     preview_every: int = 0  # 0: a frame at the last step only
+    kind: str = "generate"
+    inputs: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    start_t: int | None = None  # generate with an input picture: where the reverse chain starts
+    shared_latent: bool = False
+    t: int | None = None  # interpolate: the timestep of both encodings
+    lambdas: tuple[float, ...] = ()
+    rd_points: int = DEFAULT_RD_POINTS  # likelihood: timesteps of the rate-distortion curve
 
     @classmethod
-    def from_request(cls, job_id: str, model: str, request: Mapping[str, Any]) -> JobSpec:
+    def from_request(cls, job_id: str, model: str, request: Mapping[str, Any], kind: str = "generate",
+                     inputs: torch.Tensor | None = None) -> JobSpec:
         """Read a stored request; anything missing or of the wrong type is a ``JobRejected``."""
         try:
+            if kind not in JOB_KINDS:
+                raise ValueError(f"unknown job kind {kind!r}")
+            start_t, t = request.get("start_t"), request.get("t")
             return cls(job_id=job_id, model=str(request.get("model") or model),
                        num_images=int(request["num_images"]), seed=int(request["seed"]), steps=int(request["steps"]),
                        sampler=request.get("sampler") or "ddpm", eta=float(request.get("eta") or 0.0),
-                       variance=request.get("variance"), preview_every=int(request.get("preview_every") or 0))
+                       variance=request.get("variance"), preview_every=int(request.get("preview_every") or 0),
+                       kind=kind, inputs=inputs, start_t=None if start_t is None else int(start_t),
+                       shared_latent=bool(request.get("shared_latent")), t=None if t is None else int(t),
+                       lambdas=tuple(float(v) for v in request.get("lambdas") or ()),
+                       rd_points=int(request.get("rd_points") or DEFAULT_RD_POINTS))
         except (KeyError, TypeError, ValueError) as exc:
             raise JobRejected("invalid_request", f"the stored request is incomplete or malformed ({exc!r}); "
-                                                 "submit it again through POST /generate") from None
+                                                 "submit it again") from None
+
+    @property
+    def needs_inputs(self) -> int:
+        """How many input pictures this job needs."""
+        if self.kind == "interpolate":
+            return 2
+        if self.kind == "likelihood":
+            return self.num_images
+        return 0 if self.start_t is None else 1
+
+
+@dataclass
+class Measurement:
+    """A finished likelihood job: the bound of its pictures, the timesteps of its rate-distortion curve, and how
+    it was computed (the network's precision, whether x0-hat was clipped)."""
+
+    likelihood: Likelihood
+    grid: list[int]
+    precision: str
+    clip_denoised: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """The job's result (``service.schemas.LikelihoodResult``): bits/dim, every term (index s = L_s, the last
+        L_T), and the rate and distortion of each picture at each timestep of the grid."""
+        lik = self.likelihood.to("cpu")
+        terms = torch.cat([lik.terms, lik.prior[:, None]], dim=1).double()
+        rate, distortion = lik.rate().double(), lik.distortion().double()
+        return {
+            "bits_per_dim": [float(v) for v in lik.bits_per_dim.double()],
+            "terms": [[float(f"{v:.7g}") for v in row] for row in terms.tolist()],
+            "rate_distortion": [{"t": t, "rate_bits_per_dim": [float(f"{v:.7g}") for v in rate[:, t - 1].tolist()],
+                                 "distortion_rmse": [float(f"{v:.7g}") for v in distortion[:, t - 1].tolist()]}
+                                for t in self.grid],
+            "num_timesteps": lik.num_timesteps, "clip_denoised": self.clip_denoised, "precision": self.precision,
+        }
 
 
 @dataclass
@@ -132,24 +199,50 @@ class ServedModel:
             x = torch.zeros(b, *self.shape, device=self.device)
             self.forward(x, torch.zeros(b, dtype=torch.long, device=self.device))
 
-    def chain(self, spec: JobSpec) -> Chain:
-        """The reverse chain of ``spec``'s images; a request the model can't serve is a ``JobRejected``."""
+    def chain(self, spec: JobSpec) -> StepDriven[Any]:
+        """The chain of ``spec``'s kind over its rows; a request the model can't serve is a ``JobRejected``."""
         T = self.diffusion.num_timesteps
-        if not 1 <= spec.steps <= T:
+        top = T if spec.kind == "likelihood" else spec.start_t or spec.t or T
+        if not 1 <= spec.steps <= top:
             raise JobRejected("invalid_request", f"steps={spec.steps} is out of range for model {self.name!r}: "
-                                                 f"it was trained with T={T}, so steps must be 1..{T}")
+                                                 f"it was trained with T={T}, so steps must be 1..{top}")
         if spec.sampler not in SAMPLERS:
             raise JobRejected("invalid_request", f"sampler {spec.sampler!r} is not one of {list(SAMPLERS)}")
         if spec.variance is not None and spec.variance not in VARIANCE_TYPES:
             raise JobRejected("invalid_request", f"variance {spec.variance!r} is not one of {list(VARIANCE_TYPES)}")
         if spec.num_images < 1:
             raise JobRejected("invalid_request", f"num_images must be at least 1, got {spec.num_images}")
-        noise = ImageNoise.for_images(spec.seed, range(spec.num_images), self.shape, self.device)
+        want = spec.needs_inputs
+        x0 = spec.inputs
+        if want and (x0 is None or x0.shape[0] != want or tuple(x0.shape[1:]) != self.shape):
+            got = "none" if x0 is None else f"{tuple(x0.shape)}"
+            raise JobRejected("invalid_request", f"the job needs {want} input picture(s) of shape {self.shape}, "
+                                                 f"got {got}; submit it again")
         try:
-            return Chain(self.diffusion, noise, steps=spec.steps, sampler=spec.sampler, eta=spec.eta,
-                         variance=spec.variance)  # type: ignore[arg-type]
+            return self._chain(spec, x0)
         except ValueError as exc:
             raise JobRejected("invalid_request", str(exc)) from None
+
+    def _chain(self, spec: JobSpec, x0: torch.Tensor | None) -> StepDriven[Any]:
+        options: dict[str, Any] = {"sampler": spec.sampler, "eta": spec.eta, "variance": spec.variance}
+        if spec.kind == "likelihood" and x0 is not None:
+            return BoundChain(self.diffusion, x0.to(self.device), seed=spec.seed, indices=range(spec.num_images),
+                              variance=spec.variance)  # type: ignore[arg-type]
+        if spec.kind == "interpolate" and x0 is not None:
+            return interpolation_chain(self.diffusion, x0[:1], x0[1:], spec.lambdas, t=spec.t, seed=spec.seed,
+                                       steps=spec.steps, **options)
+        if x0 is not None:
+            return reconstruction_chain(self.diffusion, x0, start_t=spec.start_t or self.diffusion.num_timesteps,
+                                        seed=spec.seed, indices=range(spec.num_images), steps=spec.steps,
+                                        shared_latent=spec.shared_latent, **options)
+        noise = ImageNoise.for_images(spec.seed, range(spec.num_images), self.shape, self.device)
+        return Chain(self.diffusion, noise, steps=spec.steps, **options)
+
+    def measurement(self, spec: JobSpec, chain: BoundChain) -> Measurement:
+        clip = self.diffusion.clip_denoised if chain.clip is None else chain.clip
+        T = self.diffusion.num_timesteps
+        return Measurement(chain.result(), rd_grid(T, max(1, min(spec.rd_points, T))),
+                           self.options.precision, bool(clip))
 
 
 class EngineSink(Protocol):
@@ -164,6 +257,8 @@ class EngineSink(Protocol):
 
     def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None: ...
 
+    def measured(self, job_id: str, measurement: Measurement, last: Progress) -> None: ...
+
     def canceled(self, job_id: str) -> None: ...
 
     def failed(self, job_id: str, code: str, message: str) -> None: ...
@@ -175,7 +270,7 @@ class EngineSink(Protocol):
 class _Job:
     spec: JobSpec
     model: ServedModel
-    chain: Chain
+    chain: StepDriven[Any]
     last_progress: float = field(default=float("-inf"))
 
     def wants_frame(self, index: int) -> bool:
@@ -323,7 +418,11 @@ class Engine:
             self.sink.frame(job.spec.job_id, index + 1, step.t, step.x0_hat)
         if step.is_last:
             del self._jobs[job.spec.job_id]
-            self.sink.succeeded(job.spec.job_id, step.x_prev.clamp(-1.0, 1.0), done)
+            if isinstance(job.chain, BoundChain):
+                self.sink.measured(job.spec.job_id, job.model.measurement(job.spec, job.chain), done)
+            else:
+                assert isinstance(step, Step)
+                self.sink.succeeded(job.spec.job_id, step.x_prev.clamp(-1.0, 1.0), done)
             return
         now = self.clock()
         if want or now - job.last_progress >= self.progress_interval:

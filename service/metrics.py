@@ -82,8 +82,8 @@ HTTP_REQUEST_DURATION = Histogram(
     ["method", "route", "status"], buckets=_HTTP_BUCKETS, registry=API_REGISTRY)
 HTTP_REQUESTS = Counter("ddpm_http_requests_total", "HTTP requests answered, by method, route template and status.",
                         ["method", "route", "status"], registry=API_REGISTRY)
-JOBS_SUBMITTED = Counter("ddpm_jobs_submitted_total", "Jobs accepted by POST /generate, by model.", ["model"],
-                         registry=API_REGISTRY)
+JOBS_SUBMITTED = Counter("ddpm_jobs_submitted_total", "Jobs accepted, by model and kind (generate, interpolate, "
+                         "likelihood: the route that made them).", ["model", "kind"], registry=API_REGISTRY)
 QUEUE_DEPTH = Gauge("ddpm_queue_depth", "Jobs waiting in the queue, sampled when /metrics is scraped.",
                     registry=API_REGISTRY)
 JOBS_OUTSTANDING = Gauge("ddpm_jobs_outstanding", "Jobs waiting in the queue or running on a worker, sampled when "
@@ -95,12 +95,12 @@ LIVE_WORKERS = Gauge("ddpm_live_workers", "Workers with a recent heartbeat servi
 
 # ---- the worker process ------------------------------------------------------------------------------------
 WORKER_REGISTRY = _registry()
-JOBS_FINISHED = Counter("ddpm_jobs_finished_total", "Jobs this worker brought to a terminal state, by model and "
-                        "state.", ["model", "status"], registry=WORKER_REGISTRY)
+JOBS_FINISHED = Counter("ddpm_jobs_finished_total", "Jobs this worker brought to a terminal state, by model, kind "
+                        "and state.", ["model", "kind", "status"], registry=WORKER_REGISTRY)
 JOB_QUEUE_WAIT = Histogram("ddpm_job_queue_wait_seconds", "Time from a job's submission to this worker starting "
                            "it, by model.", ["model"], buckets=_JOB_BUCKETS, registry=WORKER_REGISTRY)
 JOB_RUN_DURATION = Histogram("ddpm_job_run_duration_seconds", "Time from this worker starting a job to its end, "
-                             "by model and terminal state.", ["model", "status"], buckets=_JOB_BUCKETS,
+                             "by model, kind and terminal state.", ["model", "kind", "status"], buckets=_JOB_BUCKETS,
                              registry=WORKER_REGISTRY)
 STEP_DURATION = Histogram("ddpm_denoising_step_duration_seconds",
                           "Wall time of one denoising step (one U-Net forward over the batch, plus updates).",

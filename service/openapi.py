@@ -6,11 +6,11 @@ sees is validated against it):
 
     error_responses(*statuses)  {"error": {"code", "message"}} (ErrorBody) with the codes each status carries and
                                 its headers (Retry-After on 429/503, WWW-Authenticate on 401)
-    PNG, EVENT_STREAM, PROMETHEUS_TEXT, LOCATION  the non-JSON bodies and the Location header of 202
+    PNG, ANIMATION, EVENT_STREAM, PROMETHEUS_TEXT, LOCATION  the non-JSON bodies and the Location header of 202
     operation_id(route)         operation ids are the route functions' names (``get_job``, ``cancel_job``...)
     install(app, limits, models)  the document FastAPI builds, with every 422 in the real error shape (FastAPI
                                 declares its own ``HTTPValidationError``, which this API never sends) and this
-                                server's limits and model names in ``GenerateRequest``
+                                server's limits and model names in the job-creating requests' schemas
 
 This module knows the response shapes (``service.schemas``), not the routes or how errors are raised.
 """
@@ -26,7 +26,8 @@ from fastapi.routing import APIRoute
 
 from service.schemas import ErrorBody, Limits
 
-__all__ = ["EVENT_STREAM", "LOCATION", "PNG", "PROMETHEUS_TEXT", "error_responses", "install", "operation_id"]
+__all__ = ["ANIMATION", "EVENT_STREAM", "LOCATION", "PNG", "PROMETHEUS_TEXT", "error_responses", "install",
+           "operation_id"]
 
 _REF = "#/components/schemas/"
 RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 0}}
@@ -39,8 +40,9 @@ _ERRORS: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = {
     404: ("not_found: unknown id, expired job, or no such frame or image", {}, {}),
     409: ("idempotency_in_progress: a request with this Idempotency-Key is still creating its job; retry",
           {"Retry-After": RETRY_AFTER}, {}),
-    410: ("expired: the PNG is gone (its job outlived it)", {}, {}),
-    413: ("body_too_large: the request body is over DDPM_MAX_BODY_BYTES", {}, {}),
+    410: ("expired: the PNG (or a frame of an animation) is gone (its job outlived it)", {}, {}),
+    413: ("body_too_large: the request body is over DDPM_MAX_BODY_BYTES (DDPM_MAX_UPLOAD_BYTES for the routes that "
+          "take pictures) | image_too_large: an input picture has more than DDPM_MAX_INPUT_PIXELS pixels", {}, {}),
     422: ("invalid_request: the field and its allowed range or values", {}, {}),
     429: ("queue_full | rate_limited | too_many_streams", {"Retry-After": RETRY_AFTER}, {}),
     503: ("store_unavailable (Redis unreachable, read-only or loading; Retry-After) | store_full (Redis near its "
@@ -69,6 +71,12 @@ EVENT_STREAM: dict[int | str, dict[str, Any]] = {200: {
                    "progress, frame, then one of succeeded, failed, canceled; the stream ends after it",
     "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
 }}
+ANIMATION: dict[str, dict[int | str, dict[str, Any]]] = {fmt: {200: {
+    "description": f"an animated {fmt.upper()}: the job's x0-hat frames in order, looping",
+    "content": {f"image/{fmt}": {"schema": {"type": "string", "format": "binary"}}},
+    "headers": {"Cache-Control": {"description": "private, max-age=3600", "required": True,
+                                  "schema": {"type": "string"}}},
+}} for fmt in ("webp", "gif")}
 PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {200: {
     "description": "the Prometheus text exposition format",
     "content": {"text/plain": {"schema": {"type": "string"}}},
@@ -112,17 +120,26 @@ def _real_validation_errors(doc: dict[str, Any]) -> None:
         schemas.pop(name, None)
 
 
+def _integer_options(prop: dict[str, Any]) -> list[dict[str, Any]]:
+    return [o for o in prop.get("anyOf", [prop]) if o.get("type") == "integer"]
+
+
 def _document_limits(doc: dict[str, Any], limits: Limits, models: list[str]) -> None:
-    """This server's numeric limits and model names in the schema of ``GenerateRequest``."""
-    props = doc["components"]["schemas"]["GenerateRequest"]["properties"]
-    props["num_images"]["maximum"] = limits.max_num_images
-    for name in ("steps", "preview_every"):
-        for option in props[name].get("anyOf", [props[name]]):
-            if option.get("type") == "integer":
+    """This server's numeric limits and model names in the schemas of the job-creating requests."""
+    schemas = doc["components"]["schemas"]
+    for name in ("GenerateRequest", "InterpolateRequest", "LikelihoodRequest"):
+        props = schemas[name]["properties"]
+        for field in ("steps", "preview_every"):
+            for option in _integer_options(props.get(field, {})):
                 option["maximum"] = limits.max_steps
-    for option in props["model"].get("anyOf", [props["model"]]):
-        if option.get("type") == "string":
-            option["enum"] = models
+        for option in props["model"].get("anyOf", [props["model"]]):
+            if option.get("type") == "string":
+                option["enum"] = models
+    schemas["GenerateRequest"]["properties"]["num_images"]["maximum"] = limits.max_num_images
+    for option in schemas["InterpolateRequest"]["properties"]["lambdas"].get("anyOf", []):
+        if option.get("type") == "array":
+            option["maxItems"] = limits.max_num_images
+    schemas["LikelihoodRequest"]["properties"]["images"]["maxItems"] = limits.max_num_images
 
 
 def install(app: FastAPI, limits: Limits, models: list[str]) -> None:

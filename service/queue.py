@@ -1,17 +1,21 @@
 """Jobs in Redis: the only module that knows RQ and the Redis key names.
 
-A *job* is one generation request. Its queue mechanics are an RQ job (same id) on the queue
-``settings.queue_name``, run by ``service.worker.run_job(job_id)``; its user-facing state lives in our own keys,
-all expiring after the job TTL:
+A *job* is one request of a job-creating route (``kind``: generate, interpolate, likelihood). Its queue mechanics
+are an RQ job (same id) on the queue ``settings.queue_name``, run by ``service.worker.run_job(job_id)``; its
+user-facing state lives in our own keys, all expiring after the job TTL:
 
 =====================================  =================================================================
-``ddpm:job:{id}``                      hash: status, model, request (JSON), num_images, total, step, t,
-                                       num_frames, seeds (JSON), error (JSON), created_at/started_at/ended_at
-                                       (epoch seconds), worker, attempt, owner (SHA-256 hex of the API key that
-                                       submitted it; empty while keys are off)
+``ddpm:job:{id}``                      hash: kind, status, model, request (JSON), num_images, num_inputs, total,
+                                       step, t, num_frames, seeds (JSON), error (JSON), created_at/started_at/
+                                       ended_at (epoch seconds), worker, attempt, owner (SHA-256 hex of the API key
+                                       that submitted it; empty while keys are off)
+``ddpm:job:{id}:input:{k}``            PNG bytes of input image k, fitted to the model (written with the job)
 ``ddpm:job:{id}:frames``               list of JSON ``{"index", "step", "t"}``, one per x0-hat frame
 ``ddpm:job:{id}:frame:{n}``            PNG bytes of frame n (a grid when the job has several images)
 ``ddpm:job:{id}:image:{i}``            PNG bytes of final image i
+``ddpm:job:{id}:result``               JSON of a likelihood job's measurement (written with ``succeeded``)
+``ddpm:job:{id}:animation:{fmt}``      the frames as an animated webp or gif, made on first request, kept as long
+                                       as the job
 ``ddpm:job:{id}:events``               stream of ``{"event", "data"}``: queued, progress, frame, and one terminal
                                        event (succeeded|failed|canceled); entry ids are the SSE event ids
 ``ddpm:job:{id}:cancel``               present when a cancel was asked for
@@ -30,10 +34,10 @@ RQ jobs are enqueued with ``Retry(max=max_retries)`` (default 1): the run after 
 side of RQ (``WorkerSession``) claims jobs with RQ's own dequeue and execution records and ends them through
 RQ's success, failure and cancel handling, so RQ's registries mean what RQ means by them.
 
-Final images and the ``succeeded`` status are written in one MULTI/EXEC transaction, so a crash while writing
-never leaves a job that says ``succeeded`` without its images. Admission is one WATCH/MULTI transaction too: the
-queue-length check and the enqueue (RQ's ``enqueue_call(pipeline=...)``) commit together or not at all, so
-concurrent submitters never push the queue past its bound.
+Final images (or a likelihood job's result) and the ``succeeded`` status are written in one MULTI/EXEC
+transaction, so a crash while writing never leaves a job that says ``succeeded`` without them. Admission is one
+WATCH/MULTI transaction too: the queue-length check and the enqueue (RQ's ``enqueue_call(pipeline=...)``) commit
+together or not at all, so concurrent submitters never push the queue past its bound.
 
 Every Redis error, from our calls or from inside RQ's, surfaces as ``StoreUnavailable`` (``StoreFull`` when Redis
 is out of memory or past the API's high-water mark): ``service.store_errors``, re-exported here. The API's store
@@ -207,12 +211,13 @@ class JobStore:
     # ---- API side ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], model: str, *, num_images: int, total_steps: int,
                seeds: Sequence[int], max_queue_length: int, retry_after: int = 5, owner: str | None = None,
-               job_id: str | None = None) -> str:
+               job_id: str | None = None, kind: str = "generate", inputs: Sequence[bytes] = ()) -> str:
         """Create the job record, its ``queued`` event and the RQ job, in one transaction with the check that the
         queue has room (WATCH on RQ's queue list: a concurrent enqueue makes this one re-check). ``owner``: the
         submitting API key's digest (hex), kept on the record. ``job_id``: an id the caller drew beforehand with
-        ``new_job_id`` (an idempotent request reserves it first). Raises ``QueueFull``, or ``StoreFull`` when the
-        store is past its high-water mark."""
+        ``new_job_id`` (an idempotent request reserves it first). ``kind``: the route that made it; ``inputs``: its
+        input images (PNG), stored with it. Raises ``QueueFull``, or ``StoreFull`` when the store is past its
+        high-water mark."""
         if job_id is not None and not is_valid_job_id(job_id):
             raise ValueError(f"not a job id: {job_id!r}")
         job_id, queue = job_id or new_job_id(), self.rq_queue()
@@ -228,25 +233,29 @@ class JobStore:
                             raise QueueFull(length, retry_after)
                         pipe.multi()
                         self._queue_job(pipe, queue, job_id, request, model, num_images, total_steps, seeds,
-                                        owner)
+                                        owner, kind, inputs)
                         pipe.execute()
                         return job_id
                     except redis.WatchError:
                         continue
 
     def _queue_job(self, pipe: Any, queue: Any, job_id: str, request: dict[str, Any], model: str,
-                   num_images: int, total_steps: int, seeds: Sequence[int], owner: str | None) -> None:
+                   num_images: int, total_steps: int, seeds: Sequence[int], owner: str | None, kind: str,
+                   inputs: Sequence[bytes]) -> None:
         from rq import Retry
 
         pipe.hset(_k(job_id), mapping={
-            "status": JobState.QUEUED.value, "model": model, "request": json.dumps(request),
-            "num_images": num_images, "total": total_steps, "step": 0, "t": -1, "num_frames": 0,
-            "seeds": json.dumps(list(seeds)), "created_at": time.time(), "attempt": 0, "owner": owner or "",
+            "kind": kind, "status": JobState.QUEUED.value, "model": model, "request": json.dumps(request),
+            "num_images": num_images, "num_inputs": len(inputs), "total": total_steps, "step": 0, "t": -1,
+            "num_frames": 0, "seeds": json.dumps(list(seeds)), "created_at": time.time(), "attempt": 0,
+            "owner": owner or "",
         })
         pipe.expire(_k(job_id), self.ttl)
+        for k, png in enumerate(inputs):
+            pipe.set(_k(job_id, "input", k), png, ex=self.ttl)
         self._add_event(pipe, job_id, "queued", {"status": "queued"})
         queue.enqueue_call(RUN_JOB_FUNCTION, args=(job_id,), job_id=job_id, timeout=self.job_timeout,
-                           result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"generate {model}",
+                           result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"{kind} {model}",
                            retry=Retry(max=self.max_retries) if self.max_retries > 0 else None, pipeline=pipe)
 
     def _check_room(self) -> None:
@@ -259,6 +268,16 @@ class JobStore:
             raise StoreFull(f"the job store is {used:.0%} full (new jobs are refused from {self.high_water:.0%}, "
                             "so running jobs can finish); finished jobs expire and make room")
 
+    def has_room(self) -> bool:
+        """Whether the store is below the high-water mark (always, without one): optional writes, such as
+        caches, are only made then."""
+        try:
+            with self._guard():
+                self._check_room()
+        except StoreFull:
+            return False
+        return True
+
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job record, parsed; None if unknown or expired."""
         with self._guard():
@@ -266,11 +285,12 @@ class JobStore:
         if not raw:
             return None
         rec = {_s(k): _s(v) for k, v in raw.items()}
-        out: dict[str, Any] = {"id": job_id, "status": rec.get("status"), "model": rec.get("model"),
-                               "worker": rec.get("worker"), "owner": rec.get("owner") or None}
+        out: dict[str, Any] = {"id": job_id, "kind": rec.get("kind") or "generate", "status": rec.get("status"),
+                               "model": rec.get("model"), "worker": rec.get("worker"),
+                               "owner": rec.get("owner") or None}
         for name in ("request", "seeds", "error"):
             out[name] = json.loads(rec[name]) if rec.get(name) else None  # type: ignore[arg-type]
-        for name in ("num_images", "total", "step", "t", "num_frames", "attempt"):
+        for name in ("num_images", "num_inputs", "total", "step", "t", "num_frames", "attempt"):
             out[name] = int(rec.get(name) or 0)  # type: ignore[arg-type]
         for name in ("created_at", "started_at", "ended_at"):
             out[name] = float(rec[name]) if rec.get(name) else None  # type: ignore[arg-type]
@@ -289,6 +309,31 @@ class JobStore:
     def image_png(self, job_id: str, index: int) -> bytes | None:
         with self._guard():
             return self.redis.get(_k(job_id, "image", index))  # type: ignore[return-value]
+
+    def inputs(self, job_id: str, count: int) -> list[bytes | None]:
+        """The job's ``count`` input images (PNG), None for any that expired."""
+        if count <= 0:
+            return []
+        with self._guard():
+            return list(self.redis.mget([_k(job_id, "input", k) for k in range(count)]))
+
+    def result(self, job_id: str) -> dict[str, Any] | None:
+        """A succeeded likelihood job's result, None for any other job (or once expired)."""
+        with self._guard():
+            raw = self.redis.get(_k(job_id, "result"))
+        return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+
+    def animation(self, job_id: str, fmt: str) -> bytes | None:
+        with self._guard():
+            return self.redis.get(_k(job_id, "animation", fmt))  # type: ignore[return-value]
+
+    def keep_animation(self, job_id: str, fmt: str, data: bytes) -> None:
+        """Cache a finished job's animation for as long as the job lives (its record's remaining TTL); not at
+        all if the job is gone meanwhile."""
+        with self._guard():
+            left_ms = int(self.redis.pttl(_k(job_id)))
+            if left_ms > 0:
+                self.redis.set(_k(job_id, "animation", fmt), data, px=left_ms, nx=True)
 
     def events(self, job_id: str, last_id: str = "0", block_ms: int | None = None, count: int = 100
                ) -> list[Event]:
@@ -368,12 +413,14 @@ class JobStore:
             pipe.execute()
         return index
 
-    def succeed(self, job_id: str, images: Sequence[bytes]) -> bool:
-        """Store the final images and the ``succeeded`` state in one transaction (only from ``running``)."""
+    def succeed(self, job_id: str, images: Sequence[bytes], result: dict[str, Any] | None = None) -> bool:
+        """Store the final images (or a likelihood job's ``result``) and the ``succeeded`` state in one
+        transaction (only from ``running``)."""
         extra = {"ended_at": time.time()}
         with self._guard():
             return self._transition(job_id, JobState.RUNNING, JobState.SUCCEEDED, extra, "succeeded",
-                                    {"status": "succeeded", "num_images": len(images)}, images=images)
+                                    {"status": "succeeded", "num_images": len(images)}, images=images,
+                                    result=None if result is None else json.dumps(result, separators=(",", ":")))
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
         err = {"code": code, "message": message}
@@ -446,7 +493,7 @@ class JobStore:
         pipe.expire(_k(job_id, "events"), self.ttl)
 
     def _transition(self, job_id: str, src: JobState, dst: JobState, fields: dict[str, Any], event: str,
-                    data: dict[str, Any], images: Sequence[bytes] = ()) -> bool:
+                    data: dict[str, Any], images: Sequence[bytes] = (), result: str | None = None) -> bool:
         """Atomically move a job from ``src`` to ``dst`` (WATCH/MULTI): False if it was not in ``src``."""
         key = _k(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -459,6 +506,8 @@ class JobStore:
                     pipe.multi()
                     for i, png in enumerate(images):
                         pipe.set(_k(job_id, "image", i), png, ex=self.ttl)
+                    if result is not None:
+                        pipe.set(_k(job_id, "result"), result, ex=self.ttl)
                     pipe.hset(key, mapping={"status": dst.value, **fields})
                     self._add_event(pipe, job_id, event, data)
                     pipe.execute()

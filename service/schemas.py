@@ -1,47 +1,54 @@
-"""Request and response models of the HTTP API (pydantic v2), and the resolution of a request's defaults.
+"""Request and response models of the HTTP API (pydantic v2).
 
-``GenerateRequest`` checks types and model-independent bounds (unknown fields are refused); ``resolve_request``
-applies the bounds that depend on settings and on the chosen model (its T) and fills every default, giving the
-``ResolvedRequest`` the API stores with the job and the worker runs. A bound that fails raises
+The job-creating requests (``GenerateRequest``, ``InterpolateRequest``, ``LikelihoodRequest``) check types and
+model-independent bounds (unknown fields are refused); ``service.resolve`` applies the bounds that depend on
+settings and on the chosen model (its T) and fills every default. A bound that fails there raises
 ``RequestInvalid`` naming the field and the allowed range or values. This module knows no HTTP and no Redis.
 """
 
 from __future__ import annotations
 
-import math
-import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 __all__ = [
+    "INPUT_TAGS",
+    "JOB_KINDS",
     "MAX_SEED",
     "ErrorBody",
     "ErrorDetail",
     "FrameView",
     "GenerateAccepted",
     "GenerateRequest",
+    "ImageRef",
     "ImageView",
+    "InputImage",
+    "InterpolateRequest",
+    "JobKind",
+    "JobRequest",
     "JobView",
+    "LikelihoodRequest",
+    "LikelihoodResult",
     "Limits",
     "ModelInfo",
     "ModelsView",
     "Progress",
+    "RatePoint",
     "ReadyView",
     "RequestInvalid",
-    "ResolvedRequest",
     "WebhookDeliveryView",
     "WebhookView",
-    "frame_count",
-    "resolve_request",
 ]
 
 MAX_SEED = 2**31 - 1
 Sampler = Literal["ddpm", "ddim"]
 Variance = Literal["fixedlarge", "fixedsmall"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+JobKind = Literal["generate", "interpolate", "likelihood"]  # the route that made the job
+JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 WebhookEvent = Literal["start", "frame", "completed"]  # service.webhooks.outbox.EVENTS
 
 
@@ -54,41 +61,157 @@ class RequestInvalid(ValueError):
 
 
 # ---- requests ----------------------------------------------------------------------------------------------
+class ImageRef(BaseModel):
+    """A finished job's final image as an input: image ``index`` of job ``job`` (the caller must be allowed to
+    see that job)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str = Field(max_length=64, description="the id of a succeeded job")
+    index: int = Field(ge=0, description="which of its images (0-based)")
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        return _no_bool(value)
+
+
+def _input_kind(value: object) -> str | None:
+    if isinstance(value, str):
+        return "picture"
+    return "reference" if isinstance(value, dict | ImageRef) else None
+
+
+INPUT_TAGS = ("picture", "reference")  # the members of InputImage: validation errors name the field without them
+InputImage = Annotated[
+    Annotated[str, Tag("picture")] | Annotated[ImageRef, Tag("reference")],
+    Discriminator(_input_kind, custom_error_type="input_image", custom_error_message=(
+        'must be a base64 PNG or JPEG (a string) or a reference {"job": "<id>", "index": i}')),
+    Field(description="a picture: base64 PNG or JPEG (or a data: URL of one, e.g. data:image/png;base64,...), or "
+                      'a finished job\'s image {"job": "<id>", "index": i}. Fitted to the model: converted to L or '
+                      "RGB, the shorter side resized to the model's size (bicubic), the longer centre-cropped"),
+]
+Seed = Annotated[int | None, Field(ge=0, le=MAX_SEED, description=f"0..{MAX_SEED}; random when omitted. Image i "
+                                                                  "of seed s is the same whatever the batch")]
+Steps = Annotated[int | None, Field(ge=1, description="denoising steps, 1..min(DDPM_MAX_STEPS, the model's T); "
+                                                      "fewer than T respaces the schedule; default T")]
+Eta = Annotated[float, Field(ge=0.0, le=1.0, description="DDIM noise scale, 0..1 (ignored by ddpm)")]
+SamplerOption = Annotated[Sampler, Field(description="ddpm (ancestral) or ddim")]
+VarianceOption = Annotated[Variance | None, Field(description="reverse variance for ddpm; default: the model's")]
+PreviewEvery = Annotated[int | None, Field(ge=1, description="an x0-hat frame every this many steps (1..steps); "
+                                                             "default about 20 frames per job")]
+ModelName = Annotated[str | None, Field(description="a name from GET /models; default: the first served model")]
+WebhookUrl = Annotated[str | None, Field(max_length=2048, description=(
+    "an http(s) URL that receives the job record (as GET /jobs/{id} returns it) on the events of "
+    "webhook_events_filter, signed per Standard Webhooks; loopback, private and link-local addresses are refused "
+    "unless the server allows them"))]
+WebhookEvents = Annotated[list[WebhookEvent] | None, Field(min_length=1, max_length=3, description=(
+    "which events are delivered: start (a worker started the job), frame (a new x0-hat frame; throttled), "
+    "completed (succeeded, failed or canceled; images readable); default start and completed"))]
+
+
+def _no_bool(value: object) -> object:
+    if isinstance(value, bool):  # pydantic would read true/false as 1/0
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
 class GenerateRequest(BaseModel):
-    """``POST /generate``. Omitted options get defaults (see ``resolve_request``)."""
+    """``POST /generate``: samples, or (with ``init_image``) reconstructions and variations of a picture.
+    Omitted options get defaults (see ``service.resolve``)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"num_images": 4, "seed": 42}]})
 
     num_images: int = Field(1, ge=1, description="images to generate (1..DDPM_MAX_NUM_IMAGES)")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"0..{MAX_SEED}; random when omitted. Image i "
-                                                                   "of seed s is the same whatever num_images is")
-    steps: int | None = Field(None, ge=1, description="denoising steps, 1..min(DDPM_MAX_STEPS, the model's T); "
-                                                      "fewer than T respaces the schedule; default T")
-    sampler: Sampler = Field("ddpm", description="ddpm (ancestral) or ddim")
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM noise scale, 0..1 (ignored by ddpm)")
-    variance: Variance | None = Field(None, description="reverse variance for ddpm; default: the model's")
-    preview_every: int | None = Field(None, ge=1, description="an x0-hat frame every this many steps "
-                                                              "(1..steps); default about 20 frames per job")
-    model: str | None = Field(None, description="a name from GET /models; default: the first served model")
-    # ---- webhooks (service/webhooks/) ----
-    webhook: str | None = Field(None, max_length=2048, description="an http(s) URL that receives the job record "
-                                                                   "(as GET /jobs/{id} returns it) on the events "
-                                                                   "of webhook_events_filter, signed per Standard "
-                                                                   "Webhooks; loopback, private and link-local "
-                                                                   "addresses are refused unless the server allows "
-                                                                   "them")
-    webhook_events_filter: list[WebhookEvent] | None = Field(
-        None, min_length=1, max_length=3, description="which events are delivered: start (a worker started the "
-                                                      "job), frame (a new x0-hat frame; throttled), completed "
-                                                      "(succeeded, failed or canceled; images readable); default "
-                                                      "start and completed")
+    seed: Seed = None
+    steps: Steps = None
+    sampler: SamplerOption = "ddpm"
+    eta: Eta = 0.0
+    variance: VarianceOption = None
+    preview_every: PreviewEvery = None
+    model: ModelName = None
+    webhook: WebhookUrl = None
+    webhook_events_filter: WebhookEvents = None
+    init_image: InputImage | None = Field(None, description=(
+        "reconstruct or vary this picture: x_t is drawn from q(x_t | x_0) at start_t with the job's seed, then "
+        "the reverse chain runs from start_t to 0 (small start_t gives the picture back, T ignores it). Without "
+        "it the job samples from noise"))
+    start_t: int | None = Field(None, ge=1, description="with init_image: the timestep to start from, 1..T "
+                                                        "(default T/2); steps then counts from start_t down "
+                                                        "(default start_t)")
+    shared_latent: bool = Field(False, description="with init_image: every image decodes the same x_t (the "
+                                                   "paper's Fig. 7); default each image encodes with its own "
+                                                   "noise")
 
-    @field_validator("num_images", "seed", "steps", "eta", "preview_every", mode="before")
+    @field_validator("num_images", "seed", "steps", "eta", "preview_every", "start_t", mode="before")
     @classmethod
     def _not_a_boolean(cls, value: object) -> object:
-        if isinstance(value, bool):  # pydantic would read true/false as 1/0
-            raise ValueError("must be a number, not true or false")
+        return _no_bool(value)
+
+
+class InterpolateRequest(BaseModel):
+    """``POST /interpolate``: encode two pictures at t, decode (1 - lambda) x_t + lambda x'_t for each lambda."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"images": [{"job": "<id>", "index": 0}, {"job": "<id>", "index": 1}], "t": 500, "seed": 1}]})
+
+    images: list[InputImage] = Field(min_length=2, max_length=2, description="the two pictures A and B")
+    seed: Seed = None
+    t: int | None = Field(None, ge=1, description="the timestep both are encoded at, 1..T (default T/2: 500 of "
+                                                  "1000)")
+    lambdas: list[float] | None = Field(None, min_length=1, max_length=1024, description=(
+        "mixing weights in [0, 1], one output image each, in this order (default 0, 0.1, ..., 1; at most "
+        "DDPM_MAX_NUM_IMAGES); 0 is the reconstruction of A, 1 that of B from the same noise"))
+    steps: int | None = Field(None, ge=1, description="reverse steps from t down (1..min(DDPM_MAX_STEPS, t), "
+                                                      "default t)")
+    sampler: SamplerOption = "ddpm"
+    eta: Eta = 0.0
+    variance: VarianceOption = None
+    preview_every: PreviewEvery = None
+    model: ModelName = None
+    webhook: WebhookUrl = None
+    webhook_events_filter: WebhookEvents = None
+
+    @field_validator("seed", "t", "steps", "eta", "preview_every", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        return _no_bool(value)
+
+    @field_validator("lambdas", mode="before")
+    @classmethod
+    def _lambdas_not_booleans(cls, value: object) -> object:
+        if isinstance(value, list):
+            for item in value:
+                _no_bool(item)
         return value
+
+
+class LikelihoodRequest(BaseModel):
+    """``POST /likelihood``: the variational bound of each picture in bits/dim, every term, and its
+    rate-distortion curve; T network calls per picture."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"images": ["<base64 PNG>"],
+                                                                                 "seed": 0}]})
+
+    images: list[InputImage] = Field(min_length=1, max_length=1024, description=(
+        "the pictures to measure (1..DDPM_MAX_NUM_IMAGES, and pictures x T <= DDPM_MAX_IMAGE_STEPS)"))
+    seed: Seed = None
+    variance: Variance | None = Field(None, description="p's reverse variance in the bound; default: the model's")
+    rd_points: int | None = Field(None, ge=1, le=100, description="timesteps of the rate-distortion curve, "
+                                                                  "spread evenly over 1..T with 1 and T (1..min(100, "
+                                                                  "T); default min(20, T))")
+    preview_every: PreviewEvery = None
+    model: ModelName = None
+    webhook: WebhookUrl = None
+    webhook_events_filter: WebhookEvents = None
+
+    @field_validator("seed", "rd_points", "preview_every", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        return _no_bool(value)
+
+
+JobRequest = GenerateRequest | InterpolateRequest | LikelihoodRequest
 
 
 @dataclass(frozen=True)
@@ -98,79 +221,15 @@ class Limits:
     max_num_images: int
     max_steps: int
     max_image_steps: int
-    max_frames: int = 100
+    max_frames: int
+    max_input_pixels: int
 
     def ranges(self) -> dict[str, tuple[float, float | str]]:
         """Each bounded field's allowed (min, max), for messages and the OpenAPI schema."""
         steps_max = f"min({self.max_steps}, the model's T; see GET /models)"
         return {"num_images": (1, self.max_num_images), "seed": (0, MAX_SEED), "steps": (1, steps_max),
-                "eta": (0, 1), "preview_every": (1, "steps")}
-
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A request with every default filled in: what the job record stores and the worker runs."""
-
-    num_images: int
-    seed: int
-    steps: int
-    sampler: str
-    eta: float
-    variance: str
-    preview_every: int
-    model: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _bounded(field: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise RequestInvalid(field, f"must be between {lo} and {hi} (got {value})")
-
-
-def frame_count(steps: int, preview_every: int) -> int:
-    """Frames a job of ``steps`` steps makes with one every ``preview_every`` steps: steps 0, every, 2 every...
-    and always the last one (the worker's rule)."""
-    return math.ceil(steps / preview_every) + (0 if (steps - 1) % preview_every == 0 else 1)
-
-
-def resolve_request(req: GenerateRequest, limits: Limits, models: dict[str, dict[str, Any]],
-                    default_model: str) -> ResolvedRequest:
-    """Check ``req`` against ``limits`` and the chosen model's metadata; fill defaults.
-
-    ``models`` maps served model names to their checkpoint metadata (``diffusion_config.num_timesteps`` and
-    ``diffusion_config.variance`` are used). Raises ``RequestInvalid``.
-    """
-    model = default_model if req.model is None else req.model  # "" is not a name: 422, as the spec says
-    if model not in models:
-        raise RequestInvalid("model", f"must be one of {sorted(models)} (got {model!r})")
-    diffusion = models[model]["diffusion_config"]
-    T = int(diffusion["num_timesteps"])
-    _bounded("num_images", req.num_images, 1, limits.max_num_images)
-    seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
-    _bounded("seed", seed, 0, MAX_SEED)
-    max_steps = min(limits.max_steps, T)
-    steps = T if req.steps is None else req.steps
-    if req.steps is None and steps > max_steps:
-        steps = max_steps  # the model's T exceeds the server's cap: the default follows the cap
-    _bounded("steps", steps, 1, max_steps)
-    if req.num_images * steps > limits.max_image_steps:
-        raise RequestInvalid("num_images", f"num_images x steps must be at most {limits.max_image_steps} "
-                                           f"(got {req.num_images} x {steps} = {req.num_images * steps})")
-    if not 0.0 <= req.eta <= 1.0 or math.isnan(req.eta):
-        raise RequestInvalid("eta", f"must be between 0 and 1 (got {req.eta})")
-    preview_every = max(1, math.ceil(steps / 20)) if req.preview_every is None else req.preview_every
-    _bounded("preview_every", preview_every, 1, steps)
-    least = next((e for e in range(1, steps + 1) if frame_count(steps, e) <= limits.max_frames), steps)
-    if req.preview_every is None:
-        preview_every = max(preview_every, least)  # the default respects the frame bound too
-    if preview_every < least:
-        raise RequestInvalid("preview_every", f"at most {limits.max_frames} frames per job: with {steps} steps "
-                                              f"preview_every must be at least {least} (got {preview_every})")
-    return ResolvedRequest(num_images=req.num_images, seed=seed, steps=steps, sampler=req.sampler,
-                           eta=float(req.eta), variance=req.variance or str(diffusion.get("variance", "fixedlarge")),
-                           preview_every=preview_every, model=model)
+                "eta": (0, 1), "preview_every": (1, "steps"), "start_t": (1, "the model's T"),
+                "t": (1, "the model's T"), "rd_points": (1, 100)}
 
 
 # ---- responses ---------------------------------------------------------------------------------------------
@@ -186,6 +245,8 @@ class ErrorBody(BaseModel):
 
 
 class GenerateAccepted(BaseModel):
+    """What every job-creating route answers (202, or 200 for an Idempotency-Key replay)."""
+
     id: str
     status: JobStatus
     status_url: str
@@ -208,7 +269,8 @@ class FrameView(BaseModel):
 
 class ImageView(BaseModel):
     index: int
-    seed: int = Field(description="the request seed; image `index` of this seed is reproducible")
+    seed: int = Field(description="the request seed; image `index` of this seed is reproducible (for an "
+                                  "interpolation, image `index` is the interpolant of lambdas[index])")
     url: str
     data: str | None = Field(None, description="base64 PNG, only with ?inline=1")
 
@@ -229,15 +291,42 @@ class WebhookView(BaseModel):
     deliveries: list[WebhookDeliveryView] = Field(description="in the order they were created")
 
 
+class RatePoint(BaseModel):
+    """One timestep of the rate-distortion curve, for each picture of the job (in the request's order)."""
+
+    t: int = Field(description="the paper's timestep, 1..T: a receiver holding x_t")
+    rate_bits_per_dim: list[float] = Field(description="L_T + ... + L_t: the bits/dim received once x_t is")
+    distortion_rmse: list[float] = Field(description="RMSE(x_0, x0-hat(x_t)) on the [0, 255] scale")
+
+
+class LikelihoodResult(BaseModel):
+    """A likelihood job's measurement (docs/OPERATIONS.md: the bound, rate and distortion)."""
+
+    bits_per_dim: list[float] = Field(description="the variational bound of each picture (Eq. 5), bits/dim: its "
+                                                  "lossless code length")
+    terms: list[list[float]] = Field(description="per picture, T + 1 values: terms[i][s] = L_s in bits/dim, "
+                                                 "s = 0 (the discretized decoder -log p(x_0 | x_1)) .. T (the prior "
+                                                 "KL(q(x_T | x_0) || N(0, I))); they sum to bits_per_dim[i]")
+    rate_distortion: list[RatePoint] = Field(description="rd_points timesteps, ascending")
+    num_timesteps: int = Field(description="the model's T")
+    clip_denoised: bool = Field(description="whether p's mean used the clipped x0-hat (the official evaluation's "
+                                            "choice for the paper's models)")
+    precision: Literal["fp32", "bf16"] = Field(description="the U-Net precision of the worker that measured it")
+
+
 class JobView(BaseModel):
     id: str
+    kind: JobKind = Field("generate", description="the route that made the job: generate (with or without "
+                                                  "init_image), interpolate or likelihood")
     status: JobStatus
     model: str | None
     request: dict[str, Any] | None
     progress: Progress
     queue_position: int | None = Field(description="1 = the next job a worker takes; null unless queued")
     frames: list[FrameView]
-    images: list[ImageView] = Field(description="final images, only once succeeded")
+    images: list[ImageView] = Field(description="final images, only once succeeded (none for likelihood jobs)")
+    result: LikelihoodResult | None = Field(None, description="a succeeded likelihood job's measurement; null "
+                                                              "otherwise")
     error: ErrorDetail | None
     cancel_requested: bool = False
     attempt: int = Field(0, description="times a worker started this job; above 1 it was retried after its "

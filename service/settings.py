@@ -127,7 +127,13 @@ class Settings(BaseSettings):
     max_steps: int = Field(1000, ge=1)
     max_image_steps: int = Field(16 * 1000, ge=1, description="num_images x steps per job")
     max_queue_length: int = Field(100, ge=1)
-    max_body_bytes: int = Field(16 * 1024, ge=256)
+    max_body_bytes: int = Field(16 * 1024, ge=256, description="request bodies of every route but the three "
+                                                              "below; 413 beyond")
+    max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies of POST /generate, "
+                                  "/interpolate and /likelihood, which may carry base64 pictures; 413 beyond")
+    max_input_pixels: int = Field(4096 * 4096, ge=64, le=89_478_485, description="pixels (width x height) of one "
+                                  "input picture, read from its header before decoding; 413 image_too_large "
+                                  "beyond (at most Pillow's own decompression-bomb bound)")
     max_frames_per_job: int = Field(100, ge=2, description="x0-hat preview frames one job may produce")
     max_sse_per_client: int = Field(8, ge=1, description="concurrent SSE streams per client (API key, else "
                                                          "address) in one API process; 429 beyond")

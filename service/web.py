@@ -5,6 +5,7 @@ and ``QueueFull`` from ``service.queue`` to 503 and 429).
 
     ApiError(status, code, message)  -> {"error": {"code", "message"}} with that status
     RequestValidationError, RequestInvalid -> 422 invalid_request (the field and its allowed range or values)
+    ImageTooLarge                    -> 413 image_too_large (an input picture with too many pixels)
     StarletteHTTPException           -> its status (404 unknown route, 405 with every allowed method, 400 unreadable
                                         body)
     StoreUnavailable -> 503 store_unavailable (Retry-After 2)    QueueFull -> 429 queue_full (Retry-After)
@@ -39,9 +40,10 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.inputs import ImageTooLarge
 from service.openapi import error_responses
 from service.queue import QueueFull, StoreUnavailable, store_error
-from service.schemas import GenerateRequest, Limits, RequestInvalid
+from service.schemas import INPUT_TAGS, Limits, RequestInvalid
 
 __all__ = ["HTTP_METHODS", "OPEN", "ApiError", "ApiKeys", "BodyLimitMiddleware", "Caller", "ClientAddressMiddleware",
            "MetricsMiddleware", "RefusedKeys", "TrustedProxies", "allowed_methods", "caller", "client_address",
@@ -81,28 +83,34 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 # ---- middleware --------------------------------------------------------------------------------------------
 class BodyLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413, by Content-Length or by counting a streamed body."""
+    """Refuses request bodies over ``max_bytes`` with 413, by Content-Length or by counting a streamed body;
+    ``routes`` maps exact paths to their own limit (the routes that take pictures)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.routes = app, max_bytes, dict(routes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        too_big = error_response(413, "body_too_large", f"the request body must be at most {self.max_bytes} bytes")
+        limit = self.routes.get(scope["path"], self.max_bytes)
+        setting = "DDPM_MAX_UPLOAD_BYTES" if scope["path"] in self.routes else "DDPM_MAX_BODY_BYTES"
+        too_big = error_response(413, "body_too_large", f"the request body must be at most {limit} bytes "
+                                                        f"({setting})")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > limit:
             return await too_big(scope, receive, send)
-        body, more = b"", True
+        chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
-            body += message.get("body", b"")
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
             more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
+            if size > limit:
                 return await too_big(scope, receive, send)
-        replayed = False
+        body, replayed = b"".join(chunks), False
 
         async def replay() -> Message:
             nonlocal replayed
@@ -356,14 +364,23 @@ def rate_limit(request: Request) -> None:
 
 
 # ---- error handlers ----------------------------------------------------------------------------------------
-def _validation_message(exc: RequestValidationError, limits: Limits) -> str:
+def _allowed_fields(request: Request, loc: list[str | int]) -> str:
+    """`` (allowed: a, b, c)``: the fields of the route's body model where an unknown top-level field was sent
+    (FastAPI's ``APIRoute.body_field``; tests/service/test_inputs.py holds it), else nothing."""
+    body = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(body, "field_info", None), "annotation", None)
+    fields = getattr(model, "model_fields", None)
+    return f" (allowed: {', '.join(fields)})" if fields and len(loc) == 1 else ""
+
+
+def _validation_message(request: Request, exc: RequestValidationError, limits: Limits) -> str:
     """``field: what is wrong (allowed range or values)`` for the first few errors."""
     ranges, parts = limits.ranges(), []
     for err in exc.errors()[:3]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
-        field = ".".join(loc) or "body"
+        loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header", *INPUT_TAGS)]
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
         if err.get("type") == "extra_forbidden":
-            parts.append(f"{field}: unknown field (allowed: {', '.join(GenerateRequest.model_fields)})")
+            parts.append(f"{field}: unknown field{_allowed_fields(request, loc)}")
         elif field in ranges and err.get("type") in ("greater_than_equal", "less_than_equal"):
             lo, hi = ranges[field]
             parts.append(f"{field}: must be between {lo} and {hi} (got {err.get('input')})")
@@ -381,7 +398,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, RequestInvalid):
             return error_response(422, "invalid_request", str(exc))
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_request", _validation_message(exc, request.app.state.limits))
+        return error_response(422, "invalid_request", _validation_message(request, exc, request.app.state.limits))
+
+    async def too_large(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ImageTooLarge)
+        return error_response(413, "image_too_large", str(exc))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -405,6 +426,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(RequestInvalid, invalid)
+    app.add_exception_handler(ImageTooLarge, too_large)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(StoreUnavailable, store_down)
     app.add_exception_handler(redis.RedisError, store_down)

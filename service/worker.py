@@ -28,6 +28,7 @@ This module adapts the engine to Redis; it knows no HTTP routes beyond its own /
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import signal
@@ -42,12 +43,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
+from PIL import Image
 from pydantic import ValidationError
 
+from model.images import from_uint8
 from model.inference import InferenceOptions, default_options
 from service import metrics
-from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel, TickStats
+from service.engine import Engine, JobRejected, JobSpec, Measurement, Progress, ServedModel, TickStats
 from service.previews import Lanes, encode_frame, encode_images
 from service.queue import JobState, JobStore, StoreUnavailable, WorkerSession, connect
 from service.settings import Settings, describe_validation_error, get_settings, parse_checkpoints
@@ -79,6 +83,31 @@ def inference_options(settings: Settings, device: torch.device) -> InferenceOpti
     if settings.precision != "auto":
         chosen["precision"] = settings.precision
     return replace(options, **chosen).for_device(device)
+
+
+def input_pictures(pngs: Sequence[bytes | None]) -> torch.Tensor | None:
+    """A job's stored input pictures (PNG, fitted to the model by the API) as (N, C, H, W) in [-1, 1] on the
+    8-bit grid, as ``model.images.load_image`` reads a file; None without any. ``JobRejected`` if one expired or
+    cannot be read."""
+    if not pngs:
+        return None
+    rows = []
+    for k, png in enumerate(pngs):
+        if png is None:
+            raise JobRejected("input_expired", f"input image {k} of the job is no longer stored; submit it again")
+        try:
+            with Image.open(io.BytesIO(png), formats=("PNG",)) as img:
+                arr = np.asarray(img)
+        except (OSError, ValueError) as exc:
+            raise JobRejected("invalid_request", f"input image {k} cannot be read ({exc})") from None
+        rows.append(from_uint8(arr[:, :, None] if arr.ndim == 2 else arr))
+    return torch.cat(rows)
+
+
+def job_spec(job_id: str, record: Mapping[str, Any], pngs: Sequence[bytes | None]) -> JobSpec:
+    """What the engine runs for a started job: its stored request and its input pictures."""
+    return JobSpec.from_request(job_id, record["model"] or "", record["request"] or {}, kind=record["kind"],
+                                inputs=input_pictures(pngs))
 
 
 class StoreWriter:
@@ -116,16 +145,16 @@ class StoreSink:
                  writer: StoreWriter | None = None):
         self.store, self.lanes, self.session = store, lanes, session
         self.write = writer or StoreWriter()
-        self._running: dict[str, tuple[str, float]] = {}  # job id -> (model, monotonic start)
+        self._running: dict[str, tuple[str, str, float]] = {}  # job id -> (model, kind, monotonic start)
         self.outcomes: dict[str, str] = {}  # terminal state per job, for run_job
 
-    def began(self, job_id: str, model: str) -> None:
-        self._running[job_id] = (model, time.monotonic())
+    def began(self, job_id: str, model: str, kind: str = "generate") -> None:
+        self._running[job_id] = (model, kind, time.monotonic())
 
     def _finished(self, job_id: str, status: str, images: int = 0) -> None:
-        model, started = self._running.pop(job_id, ("unknown", time.monotonic()))
-        metrics.JOBS_FINISHED.labels(model, status).inc()
-        metrics.JOB_RUN_DURATION.labels(model, status).observe(time.monotonic() - started)
+        model, kind, started = self._running.pop(job_id, ("unknown", "generate", time.monotonic()))
+        metrics.JOBS_FINISHED.labels(model, kind, status).inc()
+        metrics.JOB_RUN_DURATION.labels(model, kind, status).observe(time.monotonic() - started)
         if images:
             metrics.IMAGES_GENERATED.labels(model).inc(images)
         self.outcomes[job_id] = status
@@ -149,27 +178,29 @@ class StoreSink:
 
     def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
         x = images.detach().cpu()
+        self.lanes.submit(job_id, lambda: self._succeed(job_id, last, encode_images(x), None))
 
-        def task() -> None:
-            pngs = encode_images(x)
-            self.write(lambda: self.store.progress(job_id, last.step, last.total, last.t),
-                       f"writing the progress of job {job_id}")
-            if self.write(lambda: self.store.succeed(job_id, pngs), f"storing the images of job {job_id}"):
-                self._finished(job_id, JobState.SUCCEEDED.value, len(pngs))
-                self._session(lambda s: s.complete(job_id, {"status": "succeeded", "images": len(pngs)}),
-                              f"recording job {job_id} as finished")
-                return
-            status = self.write(lambda: (self.store.get(job_id) or {}).get("status"), f"reading job {job_id}")
-            if status == JobState.CANCELED:  # canceled between its last step and now: the cancel wins
-                self._finished(job_id, JobState.CANCELED.value)
-                self._session(lambda s: s.cancel(job_id), f"recording job {job_id} as canceled")
-            else:  # no longer ours (e.g. requeued after its lease ran out during a long store outage)
-                log.warning("job %s is %s, no longer running here: its results are dropped", job_id, status)
-                self._running.pop(job_id, None)
-                if self.session is not None:
-                    self.session.forget(job_id)
+    def measured(self, job_id: str, measurement: Measurement, last: Progress) -> None:
+        self.lanes.submit(job_id, lambda: self._succeed(job_id, last, [], measurement.as_dict()))
 
-        self.lanes.submit(job_id, task)
+    def _succeed(self, job_id: str, last: Progress, pngs: list[bytes], result: dict[str, Any] | None) -> None:
+        """On the job's lane: its last progress, then its images or result with ``succeeded`` in one write."""
+        self.write(lambda: self.store.progress(job_id, last.step, last.total, last.t),
+                   f"writing the progress of job {job_id}")
+        if self.write(lambda: self.store.succeed(job_id, pngs, result), f"storing the results of job {job_id}"):
+            self._finished(job_id, JobState.SUCCEEDED.value, len(pngs))
+            self._session(lambda s: s.complete(job_id, {"status": "succeeded", "images": len(pngs)}),
+                          f"recording job {job_id} as finished")
+            return
+        status = self.write(lambda: (self.store.get(job_id) or {}).get("status"), f"reading job {job_id}")
+        if status == JobState.CANCELED:  # canceled between its last step and now: the cancel wins
+            self._finished(job_id, JobState.CANCELED.value)
+            self._session(lambda s: s.cancel(job_id), f"recording job {job_id} as canceled")
+        else:  # no longer ours (e.g. requeued after its lease ran out during a long store outage)
+            log.warning("job %s is %s, no longer running here: its results are dropped", job_id, status)
+            self._running.pop(job_id, None)
+            if self.session is not None:
+                self.session.forget(job_id)
 
     def canceled(self, job_id: str) -> None:
         def task() -> None:
@@ -350,15 +381,18 @@ class Worker:
     def _begin(self, engine: Engine, job_id: str) -> None:
         # A store error here (e.g. a Redis failover between claiming and starting) propagates: the claim stays in
         # ``_unstarted`` with its lease renewed, and the start is tried again on the next turn.
+        # The input pictures are read before the start is written, so an error reading them never starts it twice.
+        queued = self.store.get(job_id)
+        pngs = self.store.inputs(job_id, queued["num_inputs"]) if queued else []
         record = self.store.start(job_id, self.name)
         if record is None:  # canceled while queued, or already finished
             self._on_lane(job_id, self.session.cancel, "recording job {} as canceled")
             return
         if record.get("created_at") and record.get("started_at"):
             metrics.JOB_QUEUE_WAIT.labels(record["model"]).observe(record["started_at"] - record["created_at"])
-        self.sink.began(job_id, record["model"] or "unknown")
+        self.sink.began(job_id, record["model"] or "unknown", record["kind"])
         try:
-            engine.add(JobSpec.from_request(job_id, record["model"] or "", record["request"] or {}))
+            engine.add(job_spec(job_id, record, pngs))
         except JobRejected as exc:
             log.info("job %s rejected: %s", job_id, exc)
             self.sink.failed(job_id, exc.code, exc.message)
@@ -474,9 +508,9 @@ def run_job(job_id: str) -> dict[str, Any]:
     record = store.start(job_id, f"rq-{os.getpid()}")
     if record is None:
         return {"status": "canceled"}
-    sink.began(job_id, record["model"] or "unknown")
+    sink.began(job_id, record["model"] or "unknown", record["kind"])
     try:
-        engine.add(JobSpec.from_request(job_id, record["model"] or "", record["request"] or {}))
+        engine.add(job_spec(job_id, record, store.inputs(job_id, record["num_inputs"])))
     except JobRejected as exc:
         sink.failed(job_id, exc.code, exc.message)
     while not engine.idle:

@@ -427,7 +427,7 @@ def _frozen_round(server: RedisServer, url: str, http: httpx.Client, clients: in
 
 
 # ---- what one job costs the store, and what the deployments leave for it ----------------------------------------
-PER_JOB_BUDGET_BYTES = 1_500_000  # the largest demo job; the deployments' maxmemory is computed from it
+PER_JOB_BUDGET_BYTES = 1_750_000  # the largest demo job; the deployments' maxmemory is computed from it
 STILL_WRITING = 100 + 16  # jobs that may write after admission stops: the queue bound + 4 workers x 64/16 running
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -446,12 +446,41 @@ def _deployed_maxmemory() -> dict[str, int]:
             for name, argv in (("docker-compose.yml", compose), ("k8s/redis.yaml", args))}
 
 
+def _usage(client: Any, job_id: str) -> dict[str, int]:
+    """MEMORY USAGE of every key of a job (its own keys and RQ's)."""
+    keys = [k for k in client.scan_iter(count=1000) if job_id.encode() in k]
+    return {k.decode(): int(client.memory_usage(k, samples=0) or 0) for k in keys}
+
+
+def _part(usage: dict[str, int], marker: str) -> int:
+    return sum(v for k, v in usage.items() if marker in k)
+
+
+def _noise_png(size: int, channels: int, seed: int) -> str:
+    """A picture of the model's size that PNG cannot compress: the largest fitted input."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, channels), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def test_a_largest_job_fits_the_stores_sizing(rig: Rig, chaos: Chaos, tmp_path: Path) -> None:
-    """The Redis memory of the largest job a model allows (16 images, 100 x0-hat frames of all 16, the event
-    stream, RQ's records), summed over the job's keys with MEMORY USAGE, against the per-job budget; and the
-    deployments' maxmemory leaves room above the API's high-water mark for every job admitted before it (the
-    queue's and the running ones) to write all of its frames. The full run measures the demo model (32x32
-    digits: the figure in the deployment files); ``make test`` the tests' 8x8 model on the shared worker."""
+    """The Redis memory of the largest jobs a model allows, summed over the job's keys with MEMORY USAGE, against
+    the per-job budget: a generation job of 16 images and 100 x0-hat frames of all 16, and a likelihood job of 16
+    incompressible pictures with 92 frames (the most T = 1000 terms allow), its inputs and its result (each with
+    the event stream and RQ's records). The deployments' maxmemory must leave room above the API's high-water mark
+    for every job admitted before it (the queue's and the running ones) to write all of it. A job's animations are
+    cached only below the mark, so they are measured beside the budget, not in it. The full run measures the demo
+    model (32x32 digits, T=1000: the figure in the deployment files); ``make test`` the tests' 8x8 model (T=1000)
+    on the chaos rig's worker."""
+    from model.checkpoint_meta import read_metadata
+    from service.resolve import frame_count
     from service.settings import DEMO_CHECKPOINT
 
     high_water = Settings().store_high_water
@@ -459,12 +488,12 @@ def test_a_largest_job_fits_the_stores_sizing(rig: Rig, chaos: Chaos, tmp_path: 
         room = (1 - high_water) * maxmemory
         ok = room >= STILL_WRITING * PER_JOB_BUDGET_BYTES
         chaos.record(f"{name}: room above the {high_water:.0%} mark", f">= {STILL_WRITING} jobs x "
-                     f"{PER_JOB_BUDGET_BYTES / 1e6:.1f} MB", f"maxmemory {maxmemory / 2**20:.0f} MiB: "
+                     f"{PER_JOB_BUDGET_BYTES / 1e6:.2f} MB", f"maxmemory {maxmemory / 2**20:.0f} MiB: "
                      f"{room / 1e6:.0f} MB", ok)
         assert ok, (name, maxmemory)
     client = redis.Redis.from_url(rig.redis.url)
     stack: list[Any] = []
-    api, model = rig.api, "the tests' 8x8 model"
+    api, model, checkpoint = rig.api, "the tests' 8x8 model", rig.checkpoint
     try:
         if chaos.scale == "full":
             server = RedisServer().start()
@@ -474,23 +503,37 @@ def test_a_largest_job_fits_the_stores_sizing(rig: Rig, chaos: Chaos, tmp_path: 
                     "0", "--name", "size"]
             worker = WorkerProcess(args, 0, "size", tmp_path / "size.log")
             stack = [worker, api, server]
-            client, model = redis.Redis.from_url(server.url), "the demo model (32x32 digits)"
+            client, model, checkpoint = redis.Redis.from_url(server.url), "the demo model (32x32 digits)", \
+                DEMO_CHECKPOINT
             worker.wait_ready(server.url)
-        job_id = _submit(api, num_images=16, steps=100, preview_every=1, seed=11)  # frames at steps 1..100
-        job = _wait(api, job_id, lambda j: j["status"] in TERMINAL, timeout=300)
-        assert job["status"] == "succeeded" and len(job["frames"]) == 100, job
-        keys = [k for k in client.scan_iter(count=1000) if job_id.encode() in k]
-        usage = {k.decode(): int(client.memory_usage(k, samples=0) or 0) for k in keys}
-        total = sum(usage.values())
-        frames = sum(v for k, v in usage.items() if ":frame:" in k)
-        images = sum(v for k, v in usage.items() if ":image:" in k)
-        events = usage.get(f"ddpm:job:{job_id}:events", 0)
-        ok = total <= PER_JOB_BUDGET_BYTES
-        chaos.record(f"store memory of a 16-image, 100-frame job of {model}",
-                     f"<= {PER_JOB_BUDGET_BYTES / 1e6:.1f} MB (the maxmemory sizing)",
-                     f"{total / 1e6:.2f} MB in {len(keys)} keys (frames {frames / 1e6:.2f}, images "
-                     f"{images / 1e6:.3f}, events {events / 1e6:.3f})", ok)
-        assert ok, usage
+        meta = read_metadata(checkpoint)
+        pictures = [_noise_png(meta["image_size"], meta["channels"], i) for i in range(16)]
+        jobs = {"generation": _submit(api, num_images=16, steps=100, preview_every=1, seed=11)}  # frames 1..100
+        frames = {"generation": 100, "likelihood": frame_count(1000, 11)}
+        # T = 1000 terms: preview_every 11 is the least within the 100-frame bound (92 frames, the last one included)
+        r = httpx.post(f"{api.url}/likelihood", json={"images": pictures, "preview_every": 11, "seed": 1}, timeout=30)
+        assert r.status_code == 202, r.text
+        jobs["likelihood"] = r.json()["id"]
+        for kind, job_id in jobs.items():
+            job = _wait(api, job_id, lambda j: j["status"] in TERMINAL, timeout=600)
+            assert job["status"] == "succeeded" and len(job["frames"]) == frames[kind], job
+            usage = _usage(client, job_id)
+            total = sum(usage.values())
+            parts = {"frames": _part(usage, ":frame:"), "images": _part(usage, ":image:"),
+                     "inputs": _part(usage, ":input:"), "result": usage.get(f"ddpm:job:{job_id}:result", 0),
+                     "events": usage.get(f"ddpm:job:{job_id}:events", 0)}
+            ok = total <= PER_JOB_BUDGET_BYTES
+            chaos.record(f"store memory of a 16-picture, {frames[kind]}-frame {kind} job of {model}",
+                         f"<= {PER_JOB_BUDGET_BYTES / 1e6:.2f} MB (the maxmemory sizing)",
+                         f"{total / 1e6:.2f} MB in {len(usage)} keys (" + ", ".join(
+                             f"{k} {v / 1e6:.3f}" for k, v in parts.items() if v) + ")", ok)
+            assert ok, usage
+            for fmt in ("webp", "gif"):  # both animations, cached with the job (below the mark only)
+                assert httpx.get(f"{api.url}/jobs/{job_id}/animation.{fmt}", timeout=120).status_code == 200
+            cached = _part(_usage(client, job_id), ":animation:")
+            chaos.record("its two animations (webp + gif), cached below the mark", "measured",
+                         f"{cached / 1e6:.2f} MB", cached > 0)
+            assert cached > 0
     finally:
         client.close()
         for part in stack:  # the worker, then the API, then Redis

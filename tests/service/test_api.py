@@ -170,15 +170,22 @@ def test_malformed_ids_never_touch_redis(make_api: Callable[..., ApiServer]) -> 
 
 
 def test_body_too_large_is_413(make_api: Callable[..., ApiServer]) -> None:
-    api = make_api(max_body_bytes=512)
-    big = b'{"num_images": 1, "pad": "' + b"x" * 600 + b'"}'
-    message = _error(httpx.post(f"{api.url}/generate", content=big, headers={"content-type": "application/json"}),
-                     413, "body_too_large")
-    assert "512 bytes" in message
+    # The job-creating routes take pictures: DDPM_MAX_UPLOAD_BYTES; every other path DDPM_MAX_BODY_BYTES.
+    api = make_api(max_body_bytes=512, max_upload_bytes=2048)
+    big = b'{"num_images": 1, "pad": "' + b"x" * 2100 + b'"}'
+    for route in ("/generate", "/interpolate", "/likelihood"):
+        message = _error(httpx.post(f"{api.url}{route}", content=big, headers={"content-type": "application/json"}),
+                         413, "body_too_large")
+        assert "2048 bytes (DDPM_MAX_UPLOAD_BYTES)" in message
+    _error(httpx.post(f"{api.url}/generate", content=big[:1000] + b'"}', headers={"content-type": "application/json"}),
+           422, "invalid_request")  # under the upload limit: read, and refused for what it says
+    message = _error(httpx.post(f"{api.url}/jobs/{'0' * 32}", content=big[:600],
+                                headers={"content-type": "application/json"}), 413, "body_too_large")
+    assert "512 bytes (DDPM_MAX_BODY_BYTES)" in message
 
     def chunks():  # no Content-Length: counted as it streams
         yield b'{"num_images": 1, "pad": "'
-        for _ in range(10):
+        for _ in range(30):
             yield b"x" * 100
         yield b'"}'
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import signal
 import subprocess
@@ -11,7 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
+from PIL import Image
 
+from service.queue import JobStore, connect
 from service.redis_server import free_port
 
 # `ddpm serve` as the console script runs it, plus a note of the heavy modules loaded by the time it stops.
@@ -27,6 +31,27 @@ signal.signal(signal.SIGTERM, note)
 from service.cli import main
 sys.exit(main())
 """
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _job_with_frames(redis_url: str) -> str:
+    """A job ended with two frames, as a worker leaves it."""
+    store = JobStore(connect(redis_url))
+    try:
+        job_id = store.submit({"num_images": 1}, "tiny", num_images=1, total_steps=2, seeds=[1], max_queue_length=10)
+        store.rq_queue().remove(job_id)
+        store.start(job_id, "test")
+        for step in (1, 2):
+            store.add_frame(job_id, step, 2 - step, _png(8, 8))
+        store.mark_canceled(job_id)
+        return job_id
+    finally:
+        store.redis.close()
 
 
 def test_ddpm_serve_never_imports_torch(redis_url: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -51,6 +76,13 @@ def test_ddpm_serve_never_imports_torch(redis_url: str, tiny_checkpoint: Path, t
             assert models[0]["num_timesteps"] == 40 and models[0]["available"]  # the metadata was read
             job = client.post("/generate", json={"num_images": 1, "steps": 4}).json()
             assert client.get(job["status_url"]).json()["status"] == "queued"
+            # pictures are decoded and fitted, animations encoded, with Pillow alone
+            picture = base64.b64encode(_png(12, 9)).decode()
+            assert client.post("/likelihood", json={"images": [picture]}).status_code == 202
+            assert client.post("/generate", json={"init_image": picture, "start_t": 3}).status_code == 202
+            animated = _job_with_frames(redis_url)
+            assert client.get(f"/jobs/{animated}/animation.webp").headers["content-type"] == "image/webp"
+            assert client.get(f"/jobs/{animated}/animation.gif").headers["content-type"] == "image/gif"
             assert client.get("/metrics").status_code == 200
             assert client.get("/openapi.json").status_code == 200
             assert client.delete(job["status_url"]).json()["status"] == "canceled"

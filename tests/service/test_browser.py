@@ -210,3 +210,69 @@ def test_page_says_when_no_worker_serves_the_model(browser: Browser, tiny_checkp
             assert browser.js("document.getElementById('workers').hidden")
         finally:
             api.stop()
+
+
+def _op(browser: Browser, name: str) -> None:
+    browser.js(f"document.querySelector('input[name=op][value={name}]').click()")
+
+
+def _run_and_wait(browser: Browser, images: int) -> str:
+    browser.js("document.getElementById('submit').click()")
+    browser.wait_for("document.body.dataset.jobStatus === 'succeeded' && document.body.dataset.images !== undefined")
+    assert browser.wait_for(f"{LOADED_IMAGES}.length === {images}")
+    return str(browser.js("document.body.dataset.jobId"))
+
+
+def test_page_varies_interpolates_measures_an_upload_and_plays_animations(
+        browser: Browser, shared_stack: tuple[ApiServer, Any], tmp_path: Path) -> None:
+    import httpx
+    from PIL import Image
+
+    api = shared_stack[0]
+    browser.goto(api.url + "/?num_images=2&steps=8&seed=3")
+    browser.wait_for("document.querySelector('#model option[value=tiny]') !== null")
+    first = _run_and_wait(browser, 2)
+    browser.js("document.getElementById('play').click()")  # the job's frames, animated (fetched with the key)
+    browser.wait_for("document.body.dataset.animation === 'loaded'")
+    assert browser.js("document.querySelector('#animation-box img').naturalWidth") > 8
+    # pick image 0 and vary it from t = 5
+    browser.js("document.querySelectorAll('#images figure')[0].click()")
+    browser.wait_for("document.body.dataset.pictures === '1'")
+    _op(browser, "vary")
+    assert not browser.js("document.getElementById('start_t').closest('label').hidden")
+    assert browser.js("document.getElementById('num_images').closest('label').hidden") is False
+    _set(browser, "start_t", 5)
+    varied = _run_and_wait(browser, 2)
+    request = httpx.get(f"{api.url}/jobs/{varied}").json()["request"]
+    assert request["init_image"] == {"job": first, "index": 0} and request["start_t"] == 5 and request["steps"] == 5
+    # pick one of the variations too, and interpolate between the two at t = 6
+    browser.js("document.querySelectorAll('#images figure')[1].click()")
+    browser.wait_for("document.body.dataset.pictures === '2'")
+    _op(browser, "interpolate")
+    _set(browser, "t", 6)
+    _set(browser, "lambdas", "0, 0.5, 1")
+    mixed = _run_and_wait(browser, 3)
+    captions = browser.js("[...document.querySelectorAll('#images figcaption')].map(c => c.textContent)")
+    assert captions == ["λ=0", "λ=0.5", "λ=1"]
+    job = httpx.get(f"{api.url}/jobs/{mixed}").json()
+    assert job["kind"] == "interpolate" and job["request"]["images"] == [{"job": first, "index": 0},
+                                                                          {"job": varied, "index": 1}]
+    # measure an uploaded picture (a real file chosen through the file input)
+    browser.js("document.getElementById('clear-picks').click()")
+    upload = tmp_path / "upload.png"
+    Image.new("RGB", (20, 14), (30, 140, 220)).save(upload)
+    root = browser.send("DOM.getDocument", page=True)["root"]["nodeId"]
+    node = browser.send("DOM.querySelector", {"nodeId": root, "selector": "#upload"}, page=True)["nodeId"]
+    browser.send("DOM.setFileInputFiles", {"files": [str(upload)], "nodeId": node}, page=True)
+    browser.wait_for("document.body.dataset.pictures === '1'")
+    _op(browser, "likelihood")
+    browser.js("document.getElementById('submit').click()")
+    browser.wait_for("document.body.dataset.bits !== undefined", timeout=120)
+    measured = str(browser.js("document.body.dataset.jobId"))
+    result = httpx.get(f"{api.url}/jobs/{measured}").json()["result"]
+    shown = browser.js("[...document.querySelectorAll('#bits td')].map(c => c.textContent)")
+    assert shown == ["1", f"{result['bits_per_dim'][0]:.4f}"]
+    assert browser.js("document.querySelectorAll('#rd tbody tr').length") == len(result["rate_distortion"]) == 20
+    browser.js("document.getElementById('play').click()")  # the progressive decoding, animated
+    browser.wait_for("document.body.dataset.animation === 'loaded'")
+    browser.screenshot(tmp_path / "page-likelihood.png")

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.bound import likelihood, rd_grid
 from model.inference import InferenceOptions, default_options
-from service.engine import Engine, JobRejected, JobSpec, Progress, ServedModel
+from model.latents import interpolate, reconstruct
+from service.engine import Engine, JobRejected, JobSpec, Measurement, Progress, ServedModel
 
 
 @dataclass
@@ -25,6 +27,7 @@ class RecordingSink:
     frames: dict[str, list[int]] = field(default_factory=dict)
     progress: list[Progress] = field(default_factory=list)
     errors: dict[str, tuple[str, str]] = field(default_factory=dict)
+    measurements: dict[str, Measurement] = field(default_factory=dict)
 
     def sync(self, progress: Sequence[Progress], active: Sequence[str]) -> set[str]:
         self.progress.extend(progress)
@@ -36,6 +39,10 @@ class RecordingSink:
     def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
         self.events.append(("succeeded", job_id))
         self.images[job_id] = images.clone()
+
+    def measured(self, job_id: str, measurement: Measurement, last: Progress) -> None:
+        self.events.append(("measured", job_id))
+        self.measurements[job_id] = measurement
 
     def canceled(self, job_id: str) -> None:
         self.events.append(("canceled", job_id))
@@ -261,3 +268,80 @@ def test_the_worker_reports_its_inference_options_in_the_heartbeat_info(redis_ur
     finally:
         worker.lanes.close()
         metrics.WORKER_MODEL_LOADED.set(0)  # this process is not a worker
+
+
+# ---- the paper's other operations as jobs (model.latents, model.bound) ------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny_checkpoint: Path) -> ServedModel:
+    return ServedModel.load("tiny", str(tiny_checkpoint), "cpu", batch_invariant=True,
+                            options=InferenceOptions(precision="fp32"))
+
+
+def on_grid(n: int, seed: int) -> torch.Tensor:
+    """n pictures (n, 3, 8, 8) on the 8-bit grid in [-1, 1], as the worker reads stored inputs."""
+    return torch.randint(0, 256, (n, 3, 8, 8), generator=torch.Generator().manual_seed(seed)).float() / 127.5 - 1.0
+
+
+def test_a_likelihood_job_shares_ticks_with_generation_and_equals_model_bound(tiny_fp32: ServedModel) -> None:
+    x0 = on_grid(2, 0)
+    alone = RecordingSink()
+    engine = Engine({"tiny": tiny_fp32}, alone)
+    engine.add(spec("l", kind="likelihood", num_images=2, steps=40, seed=7, inputs=x0, rd_points=5))
+    assert run(engine) == [2] * 40  # T terms, one forward each
+
+    shared = RecordingSink()
+    engine = Engine({"tiny": tiny_fp32}, shared)
+    engine.add(spec("g", num_images=2, steps=40, seed=1))
+    engine.add(spec("l", kind="likelihood", num_images=2, steps=40, seed=7, inputs=x0, rd_points=5))
+    for _ in range(5):
+        engine.tick()
+    engine.add(spec("h", num_images=1, steps=10, seed=2, sampler="ddim"))
+    sizes = [4] * 5 + run(engine)
+    assert len(sizes) == 40 and max(sizes) == 5  # one forward per tick for every kind of job
+    assert ("measured", "l") in shared.events and ("succeeded", "g") in shared.events
+    got, want = shared.measurements["l"].likelihood, alone.measurements["l"].likelihood
+    assert torch.equal(got.terms, want.terms) and torch.equal(got.mse, want.mse)  # batching changes nothing
+    with torch.inference_mode():
+        direct = likelihood(tiny_fp32.forward, tiny_fp32.diffusion, x0, seed=7)  # the same network calls
+        plain = likelihood(tiny_fp32.unet, tiny_fp32.diffusion, x0, seed=7)  # the unprepared fp32 U-Net
+    assert torch.equal(got.bits_per_dim, direct.bits_per_dim)
+    torch.testing.assert_close(got.bits_per_dim, plain.bits_per_dim, rtol=1e-5, atol=0)
+    result = shared.measurements["l"].as_dict()
+    assert result["precision"] == "fp32" and [p["t"] for p in result["rate_distortion"]] == rd_grid(40, 5)
+    assert len(result["terms"][0]) == 41 and result["bits_per_dim"] == [float(v) for v in got.bits_per_dim.double()]
+
+
+def test_reconstruction_and_interpolation_jobs_are_model_latents(tiny: ServedModel) -> None:
+    x0 = on_grid(2, 1)
+    sink = RecordingSink()
+    engine = Engine({"tiny": tiny}, sink)
+    engine.add(spec("vary", num_images=3, steps=6, seed=4, start_t=12, inputs=x0[:1], sampler="ddim", eta=0.5))
+    engine.add(spec("same", num_images=2, steps=5, seed=4, start_t=5, shared_latent=True, inputs=x0[1:]))
+    engine.add(spec("mix", kind="interpolate", num_images=3, steps=8, seed=6, t=8, lambdas=(0.0, 0.3, 1.0),
+                    inputs=x0))
+    run(engine)
+    with torch.inference_mode():
+        vary = reconstruct(tiny.forward, tiny.diffusion, x0[:1], start_t=12, seed=4, num_images=3, steps=6,
+                           sampler="ddim", eta=0.5)
+        same = reconstruct(tiny.forward, tiny.diffusion, x0[1:], start_t=5, seed=4, num_images=2, steps=5,
+                           shared_latent=True)
+        mix = interpolate(tiny.forward, tiny.diffusion, x0[:1], x0[1:], [0.0, 0.3, 1.0], t=8, seed=6, steps=8)
+    assert torch.equal(sink.images["vary"], vary)
+    assert torch.equal(sink.images["same"], same)
+    assert torch.equal(sink.images["mix"], mix)
+
+
+def test_jobs_without_their_pictures_are_rejected(tiny: ServedModel) -> None:
+    engine = Engine({"tiny": tiny}, RecordingSink())
+    for bad in (spec("a", kind="likelihood", num_images=2, steps=40, inputs=on_grid(1, 0)),
+                spec("b", kind="interpolate", num_images=2, steps=4, t=4, lambdas=(0.0, 1.0)),
+                spec("c", start_t=4, steps=4, inputs=torch.zeros(1, 1, 8, 8))):
+        with pytest.raises(JobRejected, match="input picture"):
+            engine.add(bad)
+    with pytest.raises(JobRejected, match=r"steps must be 1\.\.4"):
+        engine.add(spec("d", start_t=4, steps=5, inputs=on_grid(1, 0)))
+    with pytest.raises(JobRejected, match="8-bit grid"):
+        engine.add(spec("e", kind="likelihood", num_images=1, steps=40, inputs=on_grid(1, 0) * 0.5 + 1e-3))
+    with pytest.raises(JobRejected, match="malformed"):
+        JobSpec.from_request("f", "tiny", {"num_images": 1, "seed": 1, "steps": 3}, kind="upscale")
+    assert engine.idle

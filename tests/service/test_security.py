@@ -23,7 +23,7 @@ import torch
 
 from model.images import png_bytes
 from service.queue import JobStore, connect, is_valid_job_id, new_job_id
-from service.schemas import frame_count
+from service.resolve import frame_count
 from service.settings import Settings
 from service.web import TrustedProxies, client_address
 

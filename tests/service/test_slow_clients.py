@@ -87,8 +87,9 @@ def test_a_body_that_never_ends_gets_408_at_its_deadline(api: ApiServer) -> None
 
 
 def test_a_body_the_app_did_not_wait_for_still_has_a_deadline(api: ApiServer) -> None:
-    # The declared length is over the body limit: 413 at once, then the client keeps sending the body slowly.
-    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    # The declared length is over the body limit (DDPM_MAX_UPLOAD_BYTES, 8 MiB, for POST /generate): 413 at once,
+    # then the client keeps sending the body slowly.
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n"
     with _dripping(api, head, b"x" * 10, every=0.1) as sock:
         took, answer = _until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 413 ")  # answered, so no 408 after it

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 from rq import Queue
@@ -177,30 +178,54 @@ def test_healthz_metrics_and_heartbeat(worker_process: StartWorker, store: JobSt
     text = body.decode()
     assert status == 200
     assert "ddpm_worker_model_loaded 1.0" in text
-    assert 'ddpm_jobs_finished_total{model="tiny",status="succeeded"} 1.0' in text
+    assert 'ddpm_jobs_finished_total{kind="generate",model="tiny",status="succeeded"} 1.0' in text
     assert 'ddpm_images_generated_total{model="tiny"} 2.0' in text
     assert 'ddpm_denoising_step_duration_seconds_count{model="tiny"} 8.0' in text
     assert http_get(worker.metrics_port, "/nope")[0] == 404
 
 
-def test_sigterm_hands_a_running_job_back_and_another_worker_finishes_it(worker_process: StartWorker,
-                                                                         store: JobStore) -> None:
-    first = worker_process("--stop-grace", "0")
+def _likelihood_job(store: JobStore, model: str, pictures: int) -> str:
+    """A likelihood job as the API submits it: its fitted pictures stored with it."""
+    rng = np.random.default_rng(0)
+    pngs = []
+    for _ in range(pictures):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB").save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    req = {"num_images": pictures, "seed": 3, "steps": 1000, "variance": "fixedlarge", "preview_every": 100,
+           "rd_points": 5, "model": model}
+    return store.submit(req, model, num_images=pictures, total_steps=1000, seeds=[3] * pictures,
+                        max_queue_length=100, kind="likelihood", inputs=pngs)
+
+
+def test_sigterm_hands_running_jobs_back_and_another_worker_finishes_them(worker_process: StartWorker,
+                                                                          store: JobStore, tmp_path: Path) -> None:
+    from tests.chaos.processes import write_long_checkpoint
+
+    long = ("--checkpoint", f"long={write_long_checkpoint(tmp_path / 'long.safetensors')}")  # T=1000
+    first = worker_process("--stop-grace", "0", *long)
     job_id = submit(store, num_images=2, steps=40, preview_every=0)
+    measured = _likelihood_job(store, "long", 2)  # 1000 terms: surely running at the signal
     wait_for(store, job_id, {JobState.RUNNING})
+    wait_for(store, measured, {JobState.RUNNING})
     first.signal(signal.SIGTERM)
     assert first.proc.wait(30) == 0
-    rec = store.get(job_id)
-    assert rec is not None and rec["status"] == "queued"
-    queued_events = [e.data for e in store.events(job_id) if e.event == "queued"]
-    assert len(queued_events) == 2 and "reason" in queued_events[-1]
-    assert rq_registries(store)["queued"] == [job_id]
+    for handed in (job_id, measured):
+        rec = store.get(handed)
+        assert rec is not None and rec["status"] == "queued"
+        queued_events = [e.data for e in store.events(handed) if e.event == "queued"]
+        assert len(queued_events) == 2 and "reason" in queued_events[-1]
+    assert sorted(rq_registries(store)["queued"]) == sorted([job_id, measured])
     assert store.live_workers() == []
 
-    worker_process()
+    worker_process(*long)
     rec = wait_for(store, job_id)
     assert rec["status"] == "succeeded" and rec["attempt"] == 2
     assert len(images(store, job_id, 2)) == 2
+    rec = wait_for(store, measured)  # its pictures were kept for the retry
+    assert rec["status"] == "succeeded" and rec["attempt"] == 2 and rec["kind"] == "likelihood"
+    result = store.result(measured)
+    assert result is not None and len(result["bits_per_dim"]) == 2 and len(result["terms"][0]) == 1001
 
 
 def test_sigterm_lets_a_short_running_job_finish(worker_process: StartWorker, store: JobStore) -> None:
