@@ -43,7 +43,7 @@ from model.config import MODEL_PRESETS
 from model.images import to_uint8
 from model.inference import InferenceOptions
 from model.sampler import sample
-from service.engine import Engine, JobSpec, Progress, ServedModel
+from service.engine import Engine, JobSpec, Measurement, Progress, ServedModel
 
 PAPER_IMAGES_PER_S = 256 / 17  # TPU v3-8, 1000 steps (Ho et al. 2020, Section 4)
 GPU_SETTINGS = ["fp32", "fp32+graphs", "bf16+cl", "bf16+cl+graphs", "bf16+cl+compile", "bf16+cl+compile+graphs"]
@@ -98,6 +98,8 @@ class HostCopySink:
 
     def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
         images.cpu()
+
+    def measured(self, job_id: str, measurement: Measurement, last: Progress) -> None: ...
 
     def canceled(self, job_id: str) -> None: ...
 

@@ -11,20 +11,22 @@ the background lanes) against a private real redis-server.
 - *job*: one likelihood job of B pictures from submission in Redis to ``succeeded`` with its result and preview
   frames stored (``BoundChain`` per tick: q-sample, the forward, the KL term, x0-hat).
 
-``job_over_bare`` and ``job_over_served`` are the ratios of the medians (1.0: the job costs its forwards only).
+``job_over_bare`` and ``job_over_served`` are cost ratios (the median of the per-round ratios, with min and max;
+1.0: the job costs its forwards only).
 
 (b) **Generation throughput with likelihood jobs sharing the worker**: ``--gen-jobs`` single-image generation jobs
 of ``--gen-steps`` steps run *alone*, and *shared* with ``--lik-jobs`` single-picture likelihood jobs admitted at
 the same moment (so every tick's forward carries both). Generation images/s is measured until the generation jobs
-have all succeeded (the likelihood jobs, T ticks long, are then dropped). ``shared_over_alone`` is the ratio of
-generation throughput; ``rows_alone`` / ``rows_shared`` are the rows per forward, whose ratio is what a forward
-whose cost grows linearly with its rows (a CPU) predicts. On a GPU, where a forward of a few more rows costs
-about the same, the ratio should stay near 1.
+have all succeeded (the likelihood jobs, T ticks long, are then dropped). ``shared_over_alone`` is the cost
+ratio of the generation jobs' wall time shared / alone (above 1: the likelihood rows slow them); ``rows_alone`` and
+``rows_shared`` are the rows per forward, and ``linear_prediction`` = rows_shared / rows_alone is what a forward
+whose cost grows linearly with its rows (a CPU) predicts. On a GPU, where a forward of a few more rows costs about
+the same, the ratio should stay near 1.
 
 Model: the demo checkpoint (T = 1000) by default, or ``--preset`` with random weights. One JSON per run in
-``$OUT`` when set, else ``benchmarks/results/``.
+``benchmarks/results/`` (``benchmarks.common.Run``).
 
-    .venv/bin/python benchmarks/bench_operations.py --batches 1 8 --gen-jobs 4 --gen-steps 100 --lik-jobs 1 \\
+    .venv/bin/python -m benchmarks.bench_operations --batches 1 8 --gen-jobs 4 --gen-steps 100 --lik-jobs 1 \\
         --repeats 3 --threads 1
 """
 
@@ -33,49 +35,35 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.common import Run, add_out_argument, compare, interleaved, markdown_table, set_threads, timer
+from benchmarks.models import DEMO_CHECKPOINT, random_model
 from model.config import MODEL_PRESETS
-from model.diffusion import GaussianDiffusion
 from model.inference import InferenceOptions, default_options
-from model.unet import UNet
 from service.engine import Engine, JobSpec, ServedModel
 from service.previews import Lanes
 from service.queue import JobStore, connect
 from service.redis_server import RedisServer
 from service.worker import StoreSink
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "checkpoints" / "digits.safetensors"
-
 
 def load(args: argparse.Namespace) -> tuple[ServedModel, str]:
+    """The model as the worker serves it: the demo checkpoint, or a preset with random weights."""
     device = torch.device(args.device)
     options = default_options(device) if args.precision == "auto" else InferenceOptions(precision=args.precision)
     invariant = device.type == "cpu"  # as the worker
-    if args.preset is None and DEMO.is_file():
-        return ServedModel.load("digits", str(DEMO), device, batch_invariant=invariant, options=options), "demo"
-    preset = MODEL_PRESETS[args.preset or "digits"]
-    torch.manual_seed(0)
-    unet = UNet(preset.unet).to(device)
-    with torch.no_grad():  # zero-initialised output layers would make eps identically 0
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    diffusion = GaussianDiffusion.from_config(preset.diffusion, device=device)
+    if args.preset is None and DEMO_CHECKPOINT.is_file():
+        return ServedModel.load("digits", str(DEMO_CHECKPOINT), device, batch_invariant=invariant,
+                                options=options), "demo checkpoint (digits)"
+    unet, diffusion = random_model(args.preset or "digits", device)
     return ServedModel(args.preset or "digits", unet, diffusion, batch_invariant=invariant, options=options), \
-        f"{args.preset} (random weights)"
+        f"{args.preset or 'digits'} (random weights)"
 
 
 def pictures(model: ServedModel, n: int, seed: int) -> torch.Tensor:
@@ -104,13 +92,9 @@ def generation_job(store: JobStore, model: ServedModel, steps: int, seed: int) -
     return created(store, model, "generate", request)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def forwards(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: ServedModel, batch: int) -> float:
+def forwards(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: ServedModel, batch: int
+             ) -> Callable[[], None]:
+    """T calls of ``call`` on ``batch`` rows, t = T-1 .. 0."""
     T = model.diffusion.num_timesteps
     x = torch.randn(batch, *model.shape, device=model.device)
     ts = [torch.full((batch,), t, dtype=torch.long, device=model.device) for t in range(T - 1, -1, -1)]
@@ -120,38 +104,39 @@ def forwards(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: 
             for t in ts:
                 call(x, t)
 
-    return timed(run)
+    return run
 
 
-def run_job(store: JobStore, model: ServedModel, spec: JobSpec) -> float:
-    lanes = Lanes(threads=2)
-    engine = Engine({model.name: model}, StoreSink(store, lanes))
+def job_run(store: JobStore, model: ServedModel, batch: int) -> Callable[[], None]:
+    """A fresh likelihood job of ``batch`` pictures each call, run by the worker's engine and sink to its end."""
+    seeds = iter(range(10**6))
 
-    def go() -> None:
+    def run() -> None:
+        spec = likelihood_job(store, model, batch, next(seeds))
+        lanes = Lanes(threads=2)
+        engine = Engine({model.name: model}, StoreSink(store, lanes))
         engine.add(spec)
         while not engine.idle:
             engine.tick()
         lanes.close()  # the result and every frame stored
+        job = store.get(spec.job_id)
+        assert job is not None and job["status"] == "succeeded" and store.result(spec.job_id) is not None, job
 
-    seconds = timed(go)
-    job = store.get(spec.job_id)
-    assert job is not None and job["status"] == "succeeded" and store.result(spec.job_id) is not None, job
-    return seconds
+    return run
 
 
 def part_a(store: JobStore, model: ServedModel, batches: list[int], repeats: int) -> list[dict[str, Any]]:
     rows = []
     for batch in batches:
-        run_job(store, model, likelihood_job(store, model, batch, 0))  # warm-up: allocator, kernel choice
-        bare, served, job = [], [], []
-        for r in range(repeats):
-            bare.append(forwards(model.eps_fn, model, batch))
-            served.append(forwards(model.forward, model, batch))
-            job.append(run_job(store, model, likelihood_job(store, model, batch, r)))
-        b, s, j = statistics.median(bare), statistics.median(served), statistics.median(job)
-        rows.append({"batch": batch, "timesteps": model.diffusion.num_timesteps, "bare_s": b, "served_s": s,
-                     "job_s": j, "job_over_bare": j / b, "job_over_served": j / s,
-                     "bare_runs_s": bare, "served_runs_s": served, "job_runs_s": job})
+        dev = model.device
+        t = interleaved({"bare": timer(forwards(model.eps_fn, model, batch), dev),
+                         "served": timer(forwards(model.forward, model, batch), dev),
+                         "job": timer(job_run(store, model, batch), dev)}, repeats)
+        rows.append({"batch": batch, "timesteps": model.diffusion.num_timesteps,
+                     "bare_s": statistics.median(t["bare"]), "served_s": statistics.median(t["served"]),
+                     "job_s": statistics.median(t["job"]), **compare(t["job"], t["bare"], "job_over_bare"),
+                     **compare(t["job"], t["served"], "job_over_served"),
+                     "bare_runs_s": t["bare"], "served_runs_s": t["served"], "job_runs_s": t["job"]})
         print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_runs_s")}), flush=True)
     return rows
 
@@ -186,24 +171,24 @@ def part_b(store: JobStore, model: ServedModel, gen_jobs: int, gen_steps: int, l
            ) -> dict[str, Any]:
     mixed(store, model, gen_jobs, gen_steps, lik_jobs, 999)  # warm-up of both batch sizes
     mixed(store, model, gen_jobs, gen_steps, 0, 999)
-    alone, shared = [], []
-    for r in range(repeats):  # interleaved, so a shared machine's load falls on both alike
-        alone.append(mixed(store, model, gen_jobs, gen_steps, 0, 100 * r))
-        shared.append(mixed(store, model, gen_jobs, gen_steps, lik_jobs, 100 * r))
-    a = statistics.median(x["images_per_s"] for x in alone)
-    s = statistics.median(x["images_per_s"] for x in shared)
-    ratios = [y["images_per_s"] / x["images_per_s"] for x, y in zip(alone, shared, strict=True)]
-    out = {"gen_jobs": gen_jobs, "gen_steps": gen_steps, "lik_jobs": lik_jobs, "alone_img_s": a, "shared_img_s": s,
-           "shared_over_alone": s / a, "ratio_min": min(ratios), "ratio_max": max(ratios),
+    rounds = iter(range(10**6))
+    runs = interleaved({"alone": lambda: mixed(store, model, gen_jobs, gen_steps, 0, 100 * next(rounds)),
+                        "shared": lambda: mixed(store, model, gen_jobs, gen_steps, lik_jobs, 100 * next(rounds))},
+                       repeats, warmup=0)  # warmed up above; interleaved, so load falls on both alike
+    alone, shared = runs["alone"], runs["shared"]
+    out = {"gen_jobs": gen_jobs, "gen_steps": gen_steps, "lik_jobs": lik_jobs,
+           "alone_img_s": statistics.median(x["images_per_s"] for x in alone),
+           "shared_img_s": statistics.median(x["images_per_s"] for x in shared),
+           **compare([x["seconds"] for x in shared], [x["seconds"] for x in alone], "shared_over_alone"),
            "rows_alone": alone[0]["rows_per_tick"], "rows_shared": shared[0]["rows_per_tick"],
-           "linear_prediction": alone[0]["rows_per_tick"] / shared[0]["rows_per_tick"],
+           "linear_prediction": shared[0]["rows_per_tick"] / alone[0]["rows_per_tick"],
            "alone_runs": alone, "shared_runs": shared}
     print(json.dumps({k: v for k, v in out.items() if not k.endswith("_runs")}), flush=True)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(MODEL_PRESETS), default=None,
                         help="random-weight preset instead of the demo checkpoint")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="pictures per likelihood job, (a)")
@@ -217,10 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--skip-a", action="store_true")
     parser.add_argument("--skip-b", action="store_true")
-    args = parser.parse_args(argv)
+    add_out_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = Run("bench_operations", args, args.device, argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, what = load(args)
     model.warm_up()
     with RedisServer() as server:
@@ -229,31 +219,23 @@ def main(argv: list[str] | None = None) -> int:
         sharing = None if args.skip_b else part_b(store, model, args.gen_jobs, args.gen_steps, args.lik_jobs,
                                                   args.repeats)
         store.redis.close()
-    device = model.device
-    report = {"script": "bench_operations", "model": what, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              platform.processor() or platform.machine(),
-              "precision": model.options.precision, "batch_invariant": model.batch_invariant,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats,
+    report = {"model": what, "device": str(model.device), "precision": model.options.precision,
+              "batch_invariant": model.batch_invariant, "repeats": args.repeats,
               "likelihood_vs_forwards": rows, "sharing": sharing}
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"bench_operations-{device.type}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{what}, {device}, {model.options.describe()}, {torch.get_num_threads()} thread(s), median of "
-          f"{args.repeats}; raw: {out}\n")
+    print(f"\n{what}, {model.device}, {model.options.describe()}, {torch.get_num_threads()} thread(s), "
+          f"{args.repeats} rounds; raw: {run.write(report)}\n")
     if rows:
-        print("| pictures | T | bare forwards s | served forwards s | likelihood job s | job / bare | job / served |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['batch']} | {r['timesteps']} | {r['bare_s']:.2f} | {r['served_s']:.2f} | {r['job_s']:.2f} "
-                  f"| {r['job_over_bare']:.3f} | {r['job_over_served']:.3f} |")
+        print(markdown_table(["pictures", "T", "bare forwards s", "served forwards s", "likelihood job s",
+                              "job / bare", "job / served"],
+                             [[r["batch"], r["timesteps"], r["bare_s"], r["served_s"], r["job_s"],
+                               r["job_over_bare"], r["job_over_served"]] for r in rows]))
     if sharing:
         s = sharing
         print(f"\n{s['gen_jobs']} generation jobs x {s['gen_steps']} steps, alone vs with {s['lik_jobs']} likelihood "
-              f"job(s): {s['alone_img_s']:.3g} vs {s['shared_img_s']:.3g} images/s, shared/alone "
-              f"{s['shared_over_alone']:.3f} ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}); rows per forward "
-              f"{s['rows_alone']:.1f} vs {s['rows_shared']:.1f} (linear prediction {s['linear_prediction']:.3f})")
+              f"job(s): {s['alone_img_s']:.3g} vs {s['shared_img_s']:.3g} images/s; time shared / alone "
+              f"{s['shared_over_alone']:.3f} ({s['shared_over_alone_min']:.3f}-{s['shared_over_alone_max']:.3f}); "
+              f"rows per forward {s['rows_alone']:.1f} vs {s['rows_shared']:.1f} (linear prediction "
+              f"{s['linear_prediction']:.3f})")
     return 0
 
 
