@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
+# The one place each option's names are written (the service's request schemas and every CLI use these).
 BetaSchedule = Literal["linear", "cosine"]
 VarianceType = Literal["fixedlarge", "fixedsmall"]
+SamplerName = Literal["ddpm", "ddim"]
 
-BETA_SCHEDULES: tuple[str, ...] = ("linear", "cosine")
-VARIANCE_TYPES: tuple[str, ...] = ("fixedlarge", "fixedsmall")
+BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
+VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 
 _T = TypeVar("_T")
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
-from model.config import VARIANCE_TYPES, VarianceType
+from model.config import SAMPLERS, VARIANCE_TYPES, SamplerName, VarianceType
 from model.diffusion import EpsFn, GaussianDiffusion
+from model.progressive import is_preview_step
 
 __all__ = [
     "SAMPLERS",
@@ -43,8 +44,6 @@ __all__ = [
     "spaced_timesteps",
 ]
 
-SamplerName = Literal["ddpm", "ddim"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -283,7 +282,7 @@ def sample_steps(eps_fn: EpsFn, chain: StepDriven[R], *, x0_every: int | None = 
     """
     while not chain.done:
         i = chain.index
-        want = x0_every is not None and (i % x0_every == 0 or i == chain.total - 1)
+        want = x0_every is not None and is_preview_step(i, chain.total, x0_every)
         # Inference mode only around the work, never across ``yield``: the caller's code between steps (or
         # after it stops early without closing the generator) must run in its own autograd mode.
         with torch.inference_mode():

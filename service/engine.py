@@ -50,6 +50,7 @@ from model.config import VARIANCE_TYPES
 from model.diffusion import GaussianDiffusion
 from model.inference import InferenceOptions, PreparedUNet, buckets, default_options, prepare
 from model.latents import interpolation_chain, reconstruction_chain
+from model.progressive import is_preview_step
 from model.sampler import SAMPLERS, Chain, ImageNoise, SamplerName, Step, StepDriven
 from model.unet import UNet
 from service.resolve import DEFAULT_RD_POINTS
@@ -274,8 +275,7 @@ class _Job:
     last_progress: float = field(default=float("-inf"))
 
     def wants_frame(self, index: int) -> bool:
-        every = self.spec.preview_every
-        return index == self.chain.total - 1 or (every > 0 and index % every == 0)
+        return is_preview_step(index, self.chain.total, self.spec.preview_every)
 
 
 @dataclass

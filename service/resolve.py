@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from model.progressive import frame_count
 from service.schemas import (
     MAX_SEED,
     GenerateRequest,
@@ -32,7 +33,7 @@ from service.schemas import (
     RequestInvalid,
 )
 
-__all__ = ["DEFAULT_LAMBDAS", "DEFAULT_RD_POINTS", "Resolved", "frame_count", "resolve_generate",
+__all__ = ["DEFAULT_LAMBDAS", "DEFAULT_RD_POINTS", "Resolved", "resolve_generate",
            "resolve_interpolate", "resolve_likelihood"]
 
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(i / 10 for i in range(11))  # model.latents.DEFAULT_LAMBDAS (tested)
@@ -67,12 +68,6 @@ class Resolved:
 def _bounded(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
         raise RequestInvalid(name, f"must be between {lo} and {hi} (got {value})")
-
-
-def frame_count(steps: int, preview_every: int) -> int:
-    """Frames a job of ``steps`` steps makes with one every ``preview_every`` steps: steps 0, every, 2 every...
-    and always the last one (the worker's rule)."""
-    return math.ceil(steps / preview_every) + (0 if (steps - 1) % preview_every == 0 else 1)
 
 
 def _model(name: str | None, models: dict[str, dict[str, Any]], default_model: str) -> tuple[str, int, str]:

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from model.config import SamplerName, VarianceType
+
 __all__ = [
     "INPUT_TAGS",
     "JOB_KINDS",
@@ -44,8 +46,8 @@ __all__ = [
 ]
 
 MAX_SEED = 2**31 - 1
-Sampler = Literal["ddpm", "ddim"]
-Variance = Literal["fixedlarge", "fixedsmall"]
+Sampler = SamplerName
+Variance = VarianceType
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 JobKind = Literal["generate", "interpolate", "likelihood"]  # the route that made the job
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)

@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     # Lifetimes (seconds)
     job_ttl_seconds: int = Field(24 * 3600, ge=60, description="how long job records, frames and images live")
     job_timeout_seconds: int = Field(3600, ge=10, description="longest a job may run")
+    worker_lease_seconds: int = Field(15, ge=3, le=600, description="a worker not heard from for this long is "
+                                                                     "gone: its heartbeat's lifetime, its jobs' "
+                                                                     "lease (then they are retried or failed) and "
+                                                                     "the API's window for counting live workers; "
+                                                                     "it beats every third of it")
 
     log_level: LogLevel = "INFO"
 

@@ -480,7 +480,7 @@ def test_a_largest_job_fits_the_stores_sizing(rig: Rig, chaos: Chaos, tmp_path: 
     model (32x32 digits, T=1000: the figure in the deployment files); ``make test`` the tests' 8x8 model (T=1000)
     on the chaos rig's worker."""
     from model.checkpoint_meta import read_metadata
-    from service.resolve import frame_count
+    from model.progressive import frame_count
     from service.settings import DEMO_CHECKPOINT
 
     high_water = Settings().store_high_water

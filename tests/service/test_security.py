@@ -22,8 +22,8 @@ import redis
 import torch
 
 from model.images import png_bytes
+from model.progressive import frame_count
 from service.queue import JobStore, connect, is_valid_job_id, new_job_id
-from service.resolve import frame_count
 from service.settings import Settings
 from service.web import TrustedProxies, client_address
 
@@ -61,14 +61,6 @@ def test_frames_per_job_are_bounded(make_api: Callable[..., ApiServer]) -> None:
     job = httpx.get(f"{api.url}/jobs/{_submit(api, steps=40)}").json()
     assert frame_count(40, job["request"]["preview_every"]) <= 10
     assert httpx.get(f"{api.url}/jobs/{job_id}").json()["request"]["preview_every"] == 5
-
-
-def test_frame_count_matches_the_workers_rule() -> None:
-    # Frames at steps 0, every, 2 every, ... and always the last one (service.engine._Job.wants_frame).
-    for steps in range(1, 60):
-        for every in range(1, steps + 1):
-            expected = sum(1 for i in range(steps) if i == steps - 1 or i % every == 0)
-            assert frame_count(steps, every) == expected
 
 
 # ---- SSE connections per client ----------------------------------------------------------------------------
