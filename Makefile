@@ -87,7 +87,7 @@ figures: $(STAMP)
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[figures]'
 	OMP_NUM_THREADS=1 $(BIN)/python docs/figures/make_figures.py
 
-# The CPU image and the compose stack, built and run on this machine's Docker engine (README, "Proven here").
+# The CPU image and the compose stack, built and run on this machine's Docker engine (docs/DEPLOYMENT.md, "Proven here").
 # Needs dockerd running (or DOCKER_HOST), mmdebstrap for the local base images, and the `deploy` extra (Compose).
 image-test: $(STAMP)
 	$(BIN)/python docker/local/prove.py image

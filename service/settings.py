@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 __all__ = ["DEMO_CHECKPOINT", "MAKE_A_KEY", "LogLevel", "Settings", "check_api_keys", "describe_validation_error",
            "get_settings", "log_level", "parse_checkpoints"]
 
-# The bundled demo model (trained by `ddpm train --preset digits`, see README), served by default.
+# The bundled demo model (trained by `ddpm train --preset digits`, see docs/TRAINING.md), served by default.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "digits.safetensors"
 
 

@@ -174,7 +174,7 @@ class Stack:
             try:
                 read_metadata(path)
             except CheckpointError as exc:
-                hint = (" Train the demo model with `ddpm train --preset digits` (see README) or pass "
+                hint = (" Train the demo model with `ddpm train --preset digits` (see docs/TRAINING.md) or pass "
                         "--checkpoint NAME=FILE." if Path(path) == DEMO_CHECKPOINT else "")
                 problems.append(f"model {name!r}: {exc}.{hint}")
         host, port = self.settings.host, self.settings.port

@@ -14,7 +14,7 @@ healthy. ``compose`` runs ``docker compose up`` with docker/compose.cpu.yml and 
 swaps only the images that cannot be pulled here), queues jobs, restarts the redis service while they wait and
 checks that every accepted job still succeeds, trains a few steps with the ``train`` profile and serves the
 checkpoint it wrote, then ``docker compose down -v``. Each prints what it measured; exit status 0 = all held.
-What this cannot prove (a registry pull, the CUDA image, a GPU) is in the README, "Proven here".
+What this cannot prove (a registry pull, the CUDA image, a GPU) is in docs/DEPLOYMENT.md, "Proven here".
 """
 
 from __future__ import annotations

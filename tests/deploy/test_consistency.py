@@ -221,17 +221,16 @@ def test_a_stopping_worker_finishes_its_jobs_before_it_is_killed(where: str, eff
     assert _grace_seconds(where) >= args.stop_grace + 30
 
 
-# ---- the README ----------------------------------------------------------------------------------------------
-def test_the_readme_deployment_section_names_files_that_exist() -> None:
-    readme = (files.ROOT / "README.md").read_text()
-    assert "## Deployment" in readme, "README.md has no Deployment section"
-    section = readme.split("## Deployment", 1)[1]
+# ---- the deployment guide ------------------------------------------------------------------------------------
+def test_the_deployment_guide_names_files_that_exist() -> None:
+    assert "(docs/DEPLOYMENT.md)" in (files.ROOT / "README.md").read_text(), "the README does not link the guide"
+    section = (files.ROOT / "docs" / "DEPLOYMENT.md").read_text()
     for command in ("make run", "docker compose up", "kubectl apply -k k8s/", "kubectl apply -k k8s/train"):
-        assert command in section, f"the Deployment section does not show `{command}`"
+        assert command in section, f"docs/DEPLOYMENT.md does not show `{command}`"
     named = set(re.findall(r"(?<![\w/.])((?:docker|k8s)/[\w./-]*\w|docker-compose\.yml)", section))
     assert named, "expected paths of the deployment files"
     operator_made = {f"k8s/{files.API_KEYS_FILE}"}  # git-ignored: each operator creates it
     missing = sorted(p for p in named if not (files.ROOT / p).exists() and p not in operator_made)
-    assert not missing, f"README.md names deployment files that do not exist: {missing}"
+    assert not missing, f"docs/DEPLOYMENT.md names deployment files that do not exist: {missing}"
     unknown = sorted(n for n in _ddpm_names_in(section) if n.removeprefix("DDPM_").lower() not in SETTINGS_FIELDS)
-    assert not unknown, f"the Deployment section names settings that do not exist: {unknown}"
+    assert not unknown, f"docs/DEPLOYMENT.md names settings that do not exist: {unknown}"

@@ -59,7 +59,7 @@ def test_a_machine_with_one_installs_the_cuda_build_the_image_uses(tmp_path: Pat
     assert base, "docker/Dockerfile's default base is PyTorch's CUDA runtime image"
     assert base.group(1) == _version(), "the CUDA image holds the torch the Makefile installs"
     assert (base.group(2), base.group(3)) == (cuda.group(1), cuda.group(2)), "one CUDA version for both"
-    # PyTorch 2.13 ships CUDA 12.6 and 13.0 builds (13.2 experimental); 12.8 stopped with 2.11 (README).
+    # PyTorch 2.13 ships CUDA 12.6 and 13.0 builds (13.2 experimental); 12.8 stopped with 2.11 (README, "Which torch").
     assert f"{base.group(2)}.{base.group(3)}" in {"12.6", "13.0"}
 
 

@@ -1,4 +1,4 @@
-"""k8s/ as an operator deploys it: rendered by the real ``kubectl kustomize`` (the base, the README's overlays with
+"""k8s/ as an operator deploys it: rendered by the real ``kubectl kustomize`` (the base, the guide's overlays with
 the optional components), then held against what a stock managed GPU cluster (GKE, EKS, AKS, kubeadm with the
 NVIDIA device plugin) and KEDA need: objects in the right namespace, no node label or storage class that only some
 clusters have, an autoscaler that counts running jobs and never cuts one short, drains that are never blocked, a
@@ -23,14 +23,14 @@ from tests.deploy import files
 pytestmark = pytest.mark.skipif(files.kubectl() is None, reason="kubectl is not installed (it renders k8s/)")
 
 NAMESPACE = "ddpm"
-README = (files.ROOT / "README.md").read_text()
+GUIDE = (files.ROOT / "docs" / "DEPLOYMENT.md").read_text()
 VERSION = re.search(r'^version = "([^"]+)"', (files.ROOT / "pyproject.toml").read_text(), re.M).group(1)  # type: ignore[union-attr]
 
 
 def readme_overlay(name: str) -> str:
-    """The kustomization.yaml the README gives for an overlay: the yaml block after ``<!-- overlay: name -->``."""
-    match = re.search(rf"<!-- overlay: {name} -->\s*```yaml\n(.*?)```", README, re.S)
-    assert match, f"README has no overlay {name!r} (a ```yaml block after <!-- overlay: {name} -->)"
+    """The kustomization.yaml the guide (docs/DEPLOYMENT.md) gives: the yaml block after ``<!-- overlay: name -->``."""
+    match = re.search(rf"<!-- overlay: {name} -->\s*```yaml\n(.*?)```", GUIDE, re.S)
+    assert match, f"docs/DEPLOYMENT.md has no overlay {name!r} (a ```yaml block after <!-- overlay: {name} -->)"
     return match.group(1)
 
 
@@ -82,7 +82,7 @@ def test_the_scaler_reaches_the_api_service_in_its_own_namespace(overlay: str) -
     assert files.named(objects, "ScaledObject", "ddpm-worker")["metadata"]["namespace"] == url.group(2)
     assert int(url.group(3)) in {p["port"] for p in service["spec"]["ports"]}
     if overlay == "keda-namespace":
-        assert url.group(2) != NAMESPACE, "the README's example moves the service to another namespace"
+        assert url.group(2) != NAMESPACE, "the guide's example moves the service to another namespace"
 
 
 def test_it_scales_on_waiting_plus_running_jobs_as_the_api_exports_them(keda: list[dict[str, Any]]) -> None:
