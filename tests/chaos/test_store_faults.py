@@ -531,7 +531,7 @@ def test_a_largest_job_fits_the_stores_sizing(rig: Rig, chaos: Chaos, tmp_path: 
             assert ok, usage
             for fmt in ("webp", "gif"):  # both animations, cached with the job (below the mark only)
                 assert httpx.get(f"{api.url}/jobs/{job_id}/animation.{fmt}", timeout=120).status_code == 200
-            cached = _part(_usage(client, job_id), ":animation:")
+            cached = _part(_usage(client, job_id), job_id, "animation")
             chaos.record("its two animations (webp + gif), cached below the mark", "measured",
                          f"{cached / 1e6:.2f} MB", cached > 0)
             assert cached > 0
