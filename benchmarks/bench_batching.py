@@ -34,10 +34,10 @@ from benchmarks.common import Run, add_out_argument, interleaved, markdown_table
 from benchmarks.models import random_model
 from model.config import MODEL_PRESETS
 from service.engine import Engine, JobSpec, ServedModel, TickStats
-from service.previews import Lanes
+from service.lanes import Lanes
 from service.queue import JobStore, connect
 from service.redis_server import RedisServer
-from service.worker import StoreSink
+from service.store_sink import StoreSink
 
 
 def build_model(preset: str, device: str, batch_invariant: bool) -> ServedModel:
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(args.threads)
     invariant = (args.device == "cpu") if args.batch_invariant is None else args.batch_invariant == "on"
     model = build_model(args.preset, args.device, invariant)
-    model.warm_up((1, 2, max(args.jobs)))
+    model.eps_fn.warm_up((1, 2, max(args.jobs)))
 
     rows = []
     with RedisServer() as server:

@@ -43,7 +43,7 @@ from model.config import MODEL_PRESETS
 from model.images import to_uint8
 from model.inference import InferenceOptions
 from model.sampler import sample
-from service.engine import Engine, JobSpec, Measurement, Progress, ServedModel
+from service.engine import Engine, JobSpec, Measurement, ServedModel, StepProgress
 
 PAPER_IMAGES_PER_S = 256 / 17  # TPU v3-8, 1000 steps (Ho et al. 2020, Section 4)
 GPU_SETTINGS = ["fp32", "fp32+graphs", "bf16+cl", "bf16+cl+graphs", "bf16+cl+compile", "bf16+cl+compile+graphs"]
@@ -90,16 +90,16 @@ def time_unet(model: ServedModel, batch: int, warmup: int, steps: int) -> float:
 class HostCopySink:
     """The worker sink's device work only: frames and final images copied to the host; nothing stored."""
 
-    def sync(self, progress: Sequence[Progress], active: Sequence[str]) -> set[str]:
+    def sync(self, progress: Sequence[StepProgress], active: Sequence[str]) -> set[str]:
         return set()
 
     def frame(self, job_id: str, step: int, t: int, x0_hat: torch.Tensor) -> None:
         x0_hat.cpu()
 
-    def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
+    def succeeded(self, job_id: str, images: torch.Tensor, last: StepProgress) -> None:
         images.cpu()
 
-    def measured(self, job_id: str, measurement: Measurement, last: Progress) -> None: ...
+    def measured(self, job_id: str, measurement: Measurement, last: StepProgress) -> None: ...
 
     def canceled(self, job_id: str) -> None: ...
 

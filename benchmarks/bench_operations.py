@@ -47,10 +47,10 @@ from benchmarks.models import DEMO_CHECKPOINT, random_model
 from model.config import MODEL_PRESETS
 from model.inference import InferenceOptions, default_options
 from service.engine import Engine, JobSpec, ServedModel
-from service.previews import Lanes
+from service.lanes import Lanes
 from service.queue import JobStore, connect
 from service.redis_server import RedisServer
-from service.worker import StoreSink
+from service.store_sink import StoreSink
 
 
 def load(args: argparse.Namespace) -> tuple[ServedModel, str]:
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     set_threads(args.threads)
     model, what = load(args)
-    model.warm_up()
+    model.eps_fn.warm_up()
     with RedisServer() as server:
         store = JobStore(connect(server.url, timeout=5.0))
         rows = [] if args.skip_a else part_a(store, model, args.batches, args.repeats)

@@ -42,6 +42,7 @@ from benchmarks.models import demo_or_random_checkpoint
 from benchmarks.up import Up, cli_child
 from service.queue import JobStore, connect, new_job_id
 from service.redis_server import free_port
+from service.settings import get_settings
 from service.webhooks.outbox import Outbox
 from service.webhooks.signing import new_secret
 
@@ -143,7 +144,8 @@ def run_batch(store: JobStore, outbox: Outbox, args: argparse.Namespace, hook: s
 
 def check_batch_size(store: JobStore, jobs: int) -> None:
     """The worker batches all ``jobs`` jobs into one forward (DDPM_MAX_BATCH_SIZE reached it)."""
-    sizes = [w.get("max_batch_size") for w in store.live_workers()]
+    live = store.live_workers(get_settings().worker_lease_seconds)  # the lease `ddpm up` runs with
+    sizes = [w.get("max_batch_size") for w in live]
     if sizes != [jobs]:
         raise RuntimeError(f"expected one worker with max_batch_size {jobs}, found {sizes}")
 

@@ -179,6 +179,7 @@ class BoundChain:
         indices = list(range(b)) if indices is None else list(indices)
         if len(indices) != b:
             raise ValueError(f"x0 has {b} images for {len(indices)} indices")
+        diffusion.variance_of(variance)  # an unknown name is refused here, not at the first step
         self.diffusion, self.x0 = diffusion, x0
         self.variance, self.clip = variance, clip_denoised
         self.noise = ImageNoise.for_images(seed, indices, x0.shape[1:], diffusion.device)

@@ -15,30 +15,37 @@
 
 ``default_options(device)`` is the fastest choice that is safe: see its docstring for what was measured.
 The returned callable does not synchronise with the device (no ``.item()``, ``.cpu()`` or ``bool(tensor)``);
-the caller decides when to read results back. This module knows the U-Net and torch; it does not know the
-diffusion process, the sampler or the service.
+the caller decides when to read results back.
+
+``pad_lone_image(eps_fn)`` makes a forward's rows independent of the batch on the CPU: oneDNN's convolutions give
+row-identical results for every batch of 2 or more images but pick another kernel (last-bit differences) for a
+batch of exactly 1, so a lone image is run as two rows. The service's engine uses it (``batch_invariant``);
+``model.sampler.sample`` documents when a caller needs it.
+
+This module knows the U-Net and torch, and the network's signature (``model.diffusion.EpsFn``); it does not know
+the diffusion process, the sampler or the service.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Any, Literal, cast
 
 import torch
 
+from model.diffusion import EpsFn
 from model.unet import UNet
 
-__all__ = ["PRECISIONS", "EpsFn", "InferenceOptions", "Precision", "PreparedUNet", "buckets", "cpu_has_native_bf16",
-           "default_options", "prepare"]
+__all__ = ["PRECISIONS", "InferenceOptions", "Precision", "PreparedUNet", "buckets", "cpu_has_native_bf16",
+           "default_options", "pad_lone_image", "prepare"]
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,18 @@ class PreparedUNet:
         for b in sorted(set(batch_sizes), reverse=True):  # the largest first: the graph pool then fits the rest
             x = torch.zeros(b, *self.shape, device=self.device)
             self(x, torch.zeros(b, dtype=torch.long, device=self.device))
+
+
+def pad_lone_image(eps_fn: EpsFn) -> EpsFn:
+    """``eps_fn`` with a batch of one image run as two identical rows (eps of the first returned), so the image's
+    eps does not depend on whether it was alone (module docstring); other batches pass through unchanged."""
+
+    def padded(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x_t.shape[0] == 1:
+            return eps_fn(x_t.expand(2, *x_t.shape[1:]), t.expand(2))[:1]
+        return eps_fn(x_t, t)
+
+    return padded
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:

@@ -1,8 +1,9 @@
 """``ddpm sample``: images, and optionally the progressive x0-hat strip (the paper's Fig. 6), from a checkpoint.
 
 No service involved: load the checkpoint, run the reverse chain in chunks of ``--batch-size`` images, write a grid
-PNG. Image ``i`` of ``--seed s`` is the same whatever ``--n`` and ``--batch-size`` (per-image noise streams), so
-``--n 4`` shows the first four images of ``--n 64``. The progress bar lives here, not in the sampler.
+PNG. Image ``i`` of ``--seed s`` is the same picture whatever ``--n`` and ``--batch-size`` (per-image noise
+streams), so ``--n 4`` shows the first four images of ``--n 64``; bit for bit except where a chunk holds a lone
+image on the CPU (``model.sampler``'s docstring says why). The progress bar lives here, not in the sampler.
 
 Three modes (``model.latents``): plain sampling; ``--init-image FILE --start-t t`` (reconstructions, or with
 ``--n`` > 1 variations, of a picture diffused to t with q; ``--shared-latent`` decodes one x_t several times,

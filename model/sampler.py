@@ -9,7 +9,11 @@ same seam, and ``model.latents`` builds Chains that start from an encoded x_t). 
 sleeping here.
 
 Reproducibility: every image has its own ``torch.Generator`` seeded from ``(seed, image index)`` and draws its
-x_T and every step's noise from that stream alone, so image ``i`` of seed ``s`` is the same whatever the batch.
+x_T and every step's noise from that stream alone, so image ``i`` of seed ``s`` is the same image whatever the
+batch. Bit for bit only as far as the network's rows do not depend on the batch: on the CPU, oneDNN's
+convolutions agree row for row across every batch of 2 or more but pick another kernel for a batch of exactly 1
+(last-bit differences); ``model.inference.pad_lone_image(eps_fn)`` runs a lone image as two rows and closes that
+gap (the service's engine does). On CUDA, cuDNN promises no bit-exactness across batch sizes at all.
 
 Fewer steps (improved-diffusion's respacing): keep a subset S of the T timesteps; the new process has
 ``beta'_k = 1 - abar[S_k] / abar[S_{k-1}]``, so its alphabar values are exactly the kept ones, and the network
@@ -293,7 +297,12 @@ def sample_steps(eps_fn: EpsFn, chain: StepDriven[R], *, x0_every: int | None = 
 
 def sample(eps_fn: EpsFn, diffusion: GaussianDiffusion, num_images: int, shape: Sequence[int], *, seed: int = 0,
            first_index: int = 0, **chain_kwargs: object) -> torch.Tensor:
-    """Sample ``num_images`` images (N, *shape) in [-1, 1]: images ``first_index..`` of request ``seed``."""
+    """Sample ``num_images`` images (N, *shape) in [-1, 1]: images ``first_index..`` of request ``seed``.
+
+    Image i is the same image in every call that includes it; bit-identical across calls of 2 or more images
+    on the CPU, and with ``num_images=1`` too when ``eps_fn`` is ``model.inference.pad_lone_image(net)`` (the
+    module docstring says why). ``chain_kwargs`` go to ``Chain`` (steps, sampler, eta, variance, clip_denoised).
+    """
     noise = ImageNoise.for_images(seed, range(first_index, first_index + num_images), shape, diffusion.device)
     chain = Chain(diffusion, noise, **chain_kwargs)  # type: ignore[arg-type]
     for step in sample_steps(eps_fn, chain):

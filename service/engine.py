@@ -23,7 +23,8 @@ Jobs join (``add``) and leave (finished, canceled, failed) between ticks. A job 
 with others; its chain, noise streams and updates are its own, so its images do not depend on its neighbours
 as long as the forward's rows don't depend on the batch. On the CPU, oneDNN convolutions give row-identical
 results for every batch of 2 or more images but a different kernel (last-bit differences) for a batch of 1;
-``batch_invariant`` therefore pads a lone image to a batch of 2 (measured cost in benchmarks/README.md).
+``batch_invariant`` therefore pads a lone image to a batch of 2 (``model.inference.pad_lone_image``; measured cost
+in benchmarks/README.md).
 The inference options (``model.inference``: bf16 autocast, channels_last, compile, CUDA graphs) change the
 forward's precision and kernels, not this property: with bf16 autocast or channels_last on the CPU a job's
 images are still identical alone or batched (tested), only different from fp32's.
@@ -46,17 +47,18 @@ import torch
 
 from model.bound import BoundChain, Likelihood, rd_grid
 from model.checkpoint import load_checkpoint
-from model.config import VARIANCE_TYPES
+from model.config import SamplerName
 from model.diffusion import GaussianDiffusion
-from model.inference import InferenceOptions, PreparedUNet, buckets, default_options, prepare
+from model.inference import InferenceOptions, PreparedUNet, default_options, pad_lone_image, prepare
 from model.latents import interpolation_chain, reconstruction_chain
 from model.progressive import is_preview_step
-from model.sampler import SAMPLERS, Chain, ImageNoise, SamplerName, Step, StepDriven
+from model.sampler import Chain, ImageNoise, Step, StepDriven
 from model.unet import UNet
 from service.resolve import DEFAULT_RD_POINTS
 from service.schemas import JOB_KINDS
 
-__all__ = ["Engine", "EngineSink", "JobRejected", "JobSpec", "Measurement", "Progress", "ServedModel", "TickStats"]
+__all__ = ["Engine", "EngineSink", "JobRejected", "JobSpec", "Measurement", "ServedModel", "StepProgress",
+           "TickStats"]
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,9 @@ class Measurement:
 
 
 @dataclass
-class Progress:
+class StepProgress:
+    """Where one job's chain stands after a tick (what the sink records as the job's progress)."""
+
     job_id: str
     step: int  # steps done, 1..total
     total: int
@@ -175,6 +179,7 @@ class ServedModel:
         unet.cache_time_embeddings(diffusion.num_timesteps)
         self.eps_fn: PreparedUNet = prepare(unet, options or default_options(self.device), self.device)
         self.options = self.eps_fn.options
+        self._forward = pad_lone_image(self.eps_fn) if batch_invariant else self.eps_fn
 
     @classmethod
     def load(cls, name: str, path: str, device: torch.device | str, *, batch_invariant: bool = False,
@@ -185,20 +190,7 @@ class ServedModel:
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps (fp32) for a batch; a lone image is padded to two rows when ``batch_invariant`` (module doc)."""
-        if self.batch_invariant and x_t.shape[0] == 1:
-            return self.eps_fn(x_t.expand(2, *x_t.shape[1:]), t.expand(2))[:1]
-        return self.eps_fn(x_t, t)
-
-    def warm_up(self, batch_sizes: Sequence[int] | None = None) -> None:
-        """One forward per batch size, so the first job doesn't pay for kernel selection and allocation.
-
-        Default: 1 and 2, or with CUDA graphs every bucket size (each is captured here, not during a job).
-        """
-        if batch_sizes is None:
-            batch_sizes = buckets(self.options.max_batch_size) if self.options.cuda_graphs else (1, 2)
-        for b in sorted(set(batch_sizes), reverse=True):  # the largest first: the graphs' shared pool fits the rest
-            x = torch.zeros(b, *self.shape, device=self.device)
-            self.forward(x, torch.zeros(b, dtype=torch.long, device=self.device))
+        return self._forward(x_t, t)
 
     def chain(self, spec: JobSpec) -> StepDriven[Any]:
         """The chain of ``spec``'s kind over its rows; a request the model can't serve is a ``JobRejected``."""
@@ -207,10 +199,6 @@ class ServedModel:
         if not 1 <= spec.steps <= top:
             raise JobRejected("invalid_request", f"steps={spec.steps} is out of range for model {self.name!r}: "
                                                  f"it was trained with T={T}, so steps must be 1..{top}")
-        if spec.sampler not in SAMPLERS:
-            raise JobRejected("invalid_request", f"sampler {spec.sampler!r} is not one of {list(SAMPLERS)}")
-        if spec.variance is not None and spec.variance not in VARIANCE_TYPES:
-            raise JobRejected("invalid_request", f"variance {spec.variance!r} is not one of {list(VARIANCE_TYPES)}")
         if spec.num_images < 1:
             raise JobRejected("invalid_request", f"num_images must be at least 1, got {spec.num_images}")
         want = spec.needs_inputs
@@ -219,7 +207,7 @@ class ServedModel:
             got = "none" if x0 is None else f"{tuple(x0.shape)}"
             raise JobRejected("invalid_request", f"the job needs {want} input picture(s) of shape {self.shape}, "
                                                  f"got {got}; submit it again")
-        try:
+        try:  # the chains are the check of every option they take (sampler, variance, eta...): ValueError
             return self._chain(spec, x0)
         except ValueError as exc:
             raise JobRejected("invalid_request", str(exc)) from None
@@ -250,15 +238,15 @@ class EngineSink(Protocol):
     """Where the engine's results go. Calls come from the denoising thread: implementations hand slow work
     (encoding, storage) to other threads and return at once, except ``sync``, the one synchronous call."""
 
-    def sync(self, progress: Sequence[Progress], active: Sequence[str]) -> set[str]:
+    def sync(self, progress: Sequence[StepProgress], active: Sequence[str]) -> set[str]:
         """Record ``progress`` and return the ids among ``active`` whose cancellation was asked for."""
         ...
 
     def frame(self, job_id: str, step: int, t: int, x0_hat: torch.Tensor) -> None: ...
 
-    def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None: ...
+    def succeeded(self, job_id: str, images: torch.Tensor, last: StepProgress) -> None: ...
 
-    def measured(self, job_id: str, measurement: Measurement, last: Progress) -> None: ...
+    def measured(self, job_id: str, measurement: Measurement, last: StepProgress) -> None: ...
 
     def canceled(self, job_id: str) -> None: ...
 
@@ -363,7 +351,7 @@ class Engine:
         by_model: dict[str, list[_Job]] = {}
         for job in self._pick():
             by_model.setdefault(job.model.name, []).append(job)
-        progress: list[Progress] = []
+        progress: list[StepProgress] = []
         for name, jobs in by_model.items():
             eps = self._forward(self.models[name], jobs, stats)
             if eps is not None:
@@ -402,7 +390,7 @@ class Engine:
         stats.per_model[model.name] = (sum(sizes), seconds)
         return list(eps.split(sizes))
 
-    def _step(self, job: _Job, eps: torch.Tensor, progress: list[Progress]) -> None:
+    def _step(self, job: _Job, eps: torch.Tensor, progress: list[StepProgress]) -> None:
         index = job.chain.index
         want = job.wants_frame(index)
         try:
@@ -413,7 +401,7 @@ class Engine:
             self.sink.failed(job.spec.job_id, "internal", f"a denoising update failed ({type(exc).__name__}: "
                                                           f"{exc}); try again")
             return
-        done = Progress(job.spec.job_id, index + 1, step.total, step.t)
+        done = StepProgress(job.spec.job_id, index + 1, step.total, step.t)
         if step.x0_hat is not None:
             self.sink.frame(job.spec.job_id, index + 1, step.t, step.x0_hat)
         if step.is_last:

@@ -1,4 +1,5 @@
-"""Jobs in Redis: the only module that knows RQ and the Redis key names.
+"""Jobs in Redis: the job store, the only module that knows the Redis key names (and, with its worker-side
+companion ``service.worker_session``, the only one that knows RQ).
 
 A *job* is one request of a job-creating route (``kind``: generate, interpolate, likelihood). Its queue mechanics
 are an RQ job (same id) on the queue ``settings.queue_name``, run by ``service.worker.run_job(job_id)``; its
@@ -30,14 +31,22 @@ Two other modules keep keys of their own next to these, each documenting them: `
 (``ddpm:webhook:{id}``, ``ddpm:webhooks:*``: webhook deliveries, fed from the events stream above) and
 ``service.idempotency`` (``ddpm:idempotency:*``: Idempotency-Key records).
 
+Tests and tools name these keys through ``job_key``, ``worker_key``, ``WORKERS_KEY`` and ``ratelimit_key``, never
+by writing them out.
+
 RQ jobs are enqueued with ``Retry(max=max_retries)`` (default 1): the run after a worker died mid-job. The worker
-side of RQ (``WorkerSession``) claims jobs with RQ's own dequeue and execution records and ends them through
-RQ's success, failure and cancel handling, so RQ's registries mean what RQ means by them.
+side of RQ (``service.worker_session.WorkerSession``) claims jobs with RQ's own dequeue and execution records and
+ends them through RQ's success, failure and cancel handling, so RQ's registries mean what RQ means by them.
 
 Final images (or a likelihood job's result) and the ``succeeded`` status are written in one MULTI/EXEC
 transaction, so a crash while writing never leaves a job that says ``succeeded`` without them. Admission is one
 WATCH/MULTI transaction too: the queue-length check and the enqueue (RQ's ``enqueue_call(pipeline=...)``) commit
-together or not at all, so concurrent submitters never push the queue past its bound.
+together or not at all, so concurrent submitters never push the queue past its bound. Every state change is one
+atomic ``_transition`` from an expected state (``service.job_state`` draws them), so a late writer never
+overwrites a state another process reached first.
+
+"Cancel" is one thing here: a user *asks* for it (``cancel``, ``cancel_requested``); the state it leads to is
+``canceled`` (``mark_canceled`` moves a running job there, ``cancel`` a queued one at once).
 
 Every Redis error, from our calls or from inside RQ's, surfaces as ``StoreUnavailable`` (``StoreFull`` when Redis
 is out of memory or past the API's high-water mark): ``service.store_errors``, re-exported here. The API's store
@@ -52,14 +61,15 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import redis
 from redis import Redis
 
+from service.job_state import TERMINAL_STATES, JobState
+from service.settings import Settings
 from service.store_errors import (
     CircuitBreaker,
     MemorySample,
@@ -70,34 +80,33 @@ from service.store_errors import (
 )
 
 __all__ = [
+    "REAPER_KEY",
     "TERMINAL_STATES",
+    "WORKERS_KEY",
+    "WORKER_LEASE_SECONDS",
     "CircuitBreaker",
-    "Claim",
+    "Event",
     "JobState",
     "JobStore",
     "QueueFull",
     "StoreFull",
     "StoreUnavailable",
-    "WorkerSession",
     "connect",
     "is_valid_job_id",
+    "job_key",
     "new_job_id",
+    "ratelimit_key",
     "store_error",
+    "worker_key",
 ]
 
 RUN_JOB_FUNCTION = "service.worker.run_job"
+WORKERS_KEY = "ddpm:workers"
+REAPER_KEY = "ddpm:reaper"
+# The default of the setting ``worker_lease_seconds``, for callers without settings at hand; the worker, ``ddpm up``
+# and the API pass the configured value.
+WORKER_LEASE_SECONDS: int = Settings.model_fields["worker_lease_seconds"].default
 _JOB_ID_LEN = 32  # 128 random bits, hex: unguessable
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-
-TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 
 
 class QueueFull(Exception):
@@ -127,14 +136,26 @@ def connect(url: str, *, timeout: float = 1.0, connect_timeout: float | None = N
                            socket_timeout=timeout, health_check_interval=10, retry_on_timeout=False)
 
 
-_guarded = threading.local()  # .active: this thread is inside a JobStore call that holds the breaker
-
-
-def _k(job_id: str, *parts: str | int) -> str:
+def job_key(job_id: str, *parts: str | int) -> str:
+    """The key of a job's record, or with ``parts`` of one of its other keys: ``job_key(id, "frame", 3)`` is
+    ``ddpm:job:{id}:frame:3`` (the table above)."""
     return ":".join(["ddpm", "job", job_id, *map(str, parts)])
 
 
-def _s(v: bytes | str | None) -> str | None:
+def worker_key(name: str) -> str:
+    """The key of a live worker's info, expiring with its heartbeat."""
+    return f"ddpm:worker:{name}"
+
+
+def ratelimit_key(client: str, window: int) -> str:
+    """The key counting ``client``'s requests in the one-minute ``window`` (epoch minutes)."""
+    return f"ddpm:ratelimit:{client}:{window}"
+
+
+_guarded = threading.local()  # .active: this thread is inside a JobStore call that holds the breaker
+
+
+def _text(v: bytes | str | None) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
 
@@ -146,8 +167,18 @@ class Event:
 
 
 class JobStore:
-    """Reads and writes jobs. API side: ``submit``, ``get``, ``frames``, ``events``, ``cancel``...; worker side:
-    ``start``, ``progress``, ``add_frame``, ``succeed``, ``fail``, ``mark_canceled``, ``heartbeat``."""
+    """Reads and writes jobs (their keys in the module docstring).
+
+    - The API: ``submit`` (admission), ``get``, ``frames``/``frame_png``, ``image_png``, ``result``, ``inputs``,
+      ``events``, ``animation``/``keep_animation``, ``queue_position``, ``cancel``, ``cancel_requested``,
+      ``live_workers``, ``count_request`` (rate limits), ``has_room``, ``ping``, ``queue_length``,
+      ``running_count``.
+    - A worker: ``start``, ``progress``/``sync_progress`` (progress and cancel checks of a tick in one
+      round-trip), ``add_frame``, then one end: ``succeed``, ``fail``, ``mark_canceled`` or ``requeued`` (handed
+      back); ``heartbeat``/``worker_gone`` for its own liveness.
+
+    Each state change is a ``_transition`` from the state it expects (False when the job was elsewhere).
+    """
 
     def __init__(self, client: Redis, *, queue_name: str = "ddpm", ttl_seconds: int = 86400,
                  job_timeout_seconds: int = 3600, stream_maxlen: int = 2000, max_retries: int = 1,
@@ -244,15 +275,15 @@ class JobStore:
                    inputs: Sequence[bytes]) -> None:
         from rq import Retry
 
-        pipe.hset(_k(job_id), mapping={
+        pipe.hset(job_key(job_id), mapping={
             "kind": kind, "status": JobState.QUEUED.value, "model": model, "request": json.dumps(request),
             "num_images": num_images, "num_inputs": len(inputs), "total": total_steps, "step": 0, "t": -1,
             "num_frames": 0, "seeds": json.dumps(list(seeds)), "created_at": time.time(), "attempt": 0,
             "owner": owner or "",
         })
-        pipe.expire(_k(job_id), self.ttl)
+        pipe.expire(job_key(job_id), self.ttl)
         for k, png in enumerate(inputs):
-            pipe.set(_k(job_id, "input", k), png, ex=self.ttl)
+            pipe.set(job_key(job_id, "input", k), png, ex=self.ttl)
         self._add_event(pipe, job_id, "queued", {"status": "queued"})
         queue.enqueue_call(RUN_JOB_FUNCTION, args=(job_id,), job_id=job_id, timeout=self.job_timeout,
                            result_ttl=self.ttl, failure_ttl=self.ttl, ttl=self.ttl, description=f"{kind} {model}",
@@ -281,10 +312,10 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job record, parsed; None if unknown or expired."""
         with self._guard():
-            raw = self.redis.hgetall(_k(job_id))
+            raw = self.redis.hgetall(job_key(job_id))
         if not raw:
             return None
-        rec = {_s(k): _s(v) for k, v in raw.items()}
+        rec = {_text(k): _text(v) for k, v in raw.items()}
         out: dict[str, Any] = {"id": job_id, "kind": rec.get("kind") or "generate", "status": rec.get("status"),
                                "model": rec.get("model"), "worker": rec.get("worker"),
                                "owner": rec.get("owner") or None}
@@ -299,96 +330,97 @@ class JobStore:
     def frames(self, job_id: str, since: int = -1) -> list[dict[str, Any]]:
         """Frame descriptors with ``index > since``, in order."""
         with self._guard():
-            raw = self.redis.lrange(_k(job_id, "frames"), max(since + 1, 0), -1)
+            raw = self.redis.lrange(job_key(job_id, "frames"), max(since + 1, 0), -1)
         return [json.loads(r) for r in raw]
 
     def frame_png(self, job_id: str, index: int) -> bytes | None:
         with self._guard():
-            return self.redis.get(_k(job_id, "frame", index))  # type: ignore[return-value]
+            return self.redis.get(job_key(job_id, "frame", index))  # type: ignore[return-value]
 
     def image_png(self, job_id: str, index: int) -> bytes | None:
         with self._guard():
-            return self.redis.get(_k(job_id, "image", index))  # type: ignore[return-value]
+            return self.redis.get(job_key(job_id, "image", index))  # type: ignore[return-value]
 
     def inputs(self, job_id: str, count: int) -> list[bytes | None]:
         """The job's ``count`` input images (PNG), None for any that expired."""
         if count <= 0:
             return []
         with self._guard():
-            return list(self.redis.mget([_k(job_id, "input", k) for k in range(count)]))
+            return list(self.redis.mget([job_key(job_id, "input", k) for k in range(count)]))
 
     def result(self, job_id: str) -> dict[str, Any] | None:
         """A succeeded likelihood job's result, None for any other job (or once expired)."""
         with self._guard():
-            raw = self.redis.get(_k(job_id, "result"))
+            raw = self.redis.get(job_key(job_id, "result"))
         return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
 
     def animation(self, job_id: str, fmt: str) -> bytes | None:
         with self._guard():
-            return self.redis.get(_k(job_id, "animation", fmt))  # type: ignore[return-value]
+            return self.redis.get(job_key(job_id, "animation", fmt))  # type: ignore[return-value]
 
     def keep_animation(self, job_id: str, fmt: str, data: bytes) -> None:
         """Cache a finished job's animation for as long as the job lives (its record's remaining TTL); not at
         all if the job is gone meanwhile."""
         with self._guard():
-            left_ms = int(self.redis.pttl(_k(job_id)))
+            left_ms = int(self.redis.pttl(job_key(job_id)))
             if left_ms > 0:
-                self.redis.set(_k(job_id, "animation", fmt), data, px=left_ms, nx=True)
+                self.redis.set(job_key(job_id, "animation", fmt), data, px=left_ms, nx=True)
 
     def events(self, job_id: str, last_id: str = "0", block_ms: int | None = None, count: int = 100
                ) -> list[Event]:
         """Events after ``last_id`` (``"0"`` = from the start); waits up to ``block_ms`` when there are none."""
         with self._guard():
-            res = self.redis.xread({_k(job_id, "events"): last_id}, count=count, block=block_ms)
+            res = self.redis.xread({job_key(job_id, "events"): last_id}, count=count, block=block_ms)
         out: list[Event] = []
         for _stream, entries in res or []:
             for entry_id, fields in entries:
-                f = {_s(k): _s(v) for k, v in fields.items()}
-                out.append(Event(_s(entry_id) or "", f.get("event") or "", json.loads(f.get("data") or "{}")))
+                f = {_text(k): _text(v) for k, v in fields.items()}
+                out.append(Event(_text(entry_id) or "", f.get("event") or "", json.loads(f.get("data") or "{}")))
         return out
 
     def cancel(self, job_id: str) -> JobState | None:
         """Ask for cancellation. A queued job is canceled at once (it never starts); a running one stops at its
         worker's next step check. Returns the state after the call (None if the job is unknown)."""
         with self._guard():
-            status = _s(self.redis.hget(_k(job_id), "status"))
+            status = _text(self.redis.hget(job_key(job_id), "status"))
             if status is None:
                 return None
             state = JobState(status)
             if state in TERMINAL_STATES:
                 return state
-            self.redis.set(_k(job_id, "cancel"), 1, ex=self.ttl)
+            self.redis.set(job_key(job_id, "cancel"), 1, ex=self.ttl)
             if state is JobState.QUEUED:
                 self.rq_queue().remove(job_id)
                 if self._transition(job_id, JobState.QUEUED, JobState.CANCELED, {"ended_at": time.time()},
                                     "canceled", {"status": "canceled"}):
                     return JobState.CANCELED
-                return JobState(_s(self.redis.hget(_k(job_id), "status")) or "canceled")
+                return JobState(_text(self.redis.hget(job_key(job_id), "status")) or "canceled")
             return state
 
-    def live_workers(self, max_age_seconds: float = 15.0) -> list[dict[str, Any]]:
-        """Workers whose heartbeat is younger than ``max_age_seconds``, with their info."""
+    def live_workers(self, max_age_seconds: float = WORKER_LEASE_SECONDS) -> list[dict[str, Any]]:
+        """Workers whose heartbeat is younger than ``max_age_seconds`` (the setting ``worker_lease_seconds``),
+        with their info."""
         with self._guard():
-            names = self.redis.zrangebyscore("ddpm:workers", time.time() - max_age_seconds, "+inf")
-            infos = [self.redis.get(f"ddpm:worker:{_s(n)}") for n in names]
+            names = self.redis.zrangebyscore(WORKERS_KEY, time.time() - max_age_seconds, "+inf")
+            infos = [self.redis.get(worker_key(_text(n) or "")) for n in names]
         return [json.loads(i) for i in infos if i]
 
     # ---- worker side ---------------------------------------------------------------------------------------
     def start(self, job_id: str, worker: str) -> dict[str, Any] | None:
         """Mark a queued (or retried) job running. Returns its record, or None if it was canceled/finished."""
         with self._guard():
-            if self.redis.exists(_k(job_id, "cancel")):
+            if self.redis.exists(job_key(job_id, "cancel")):
                 self._transition(job_id, JobState.QUEUED, JobState.CANCELED, {"ended_at": time.time()},
                                  "canceled", {"status": "canceled"})
                 return None
-            status = _s(self.redis.hget(_k(job_id), "status"))
+            status = _text(self.redis.hget(job_key(job_id), "status"))
             if status is None or JobState(status) in TERMINAL_STATES:
                 return None
             pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(_k(job_id), mapping={"status": JobState.RUNNING.value, "started_at": time.time(),
+            pipe.hset(job_key(job_id), mapping={"status": JobState.RUNNING.value, "started_at": time.time(),
                                            "worker": worker, "step": 0, "num_frames": 0})
-            pipe.hincrby(_k(job_id), "attempt", 1)
-            pipe.delete(_k(job_id, "frames"))
+            pipe.hincrby(job_key(job_id), "attempt", 1)
+            pipe.delete(job_key(job_id, "frames"))
             self._add_event(pipe, job_id, "running", {"status": "running", "worker": worker})
             pipe.execute()
         return self.get(job_id)
@@ -396,19 +428,19 @@ class JobStore:
     def progress(self, job_id: str, step: int, total: int, t: int) -> None:
         with self._guard():
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(_k(job_id), mapping={"step": step, "total": total, "t": t})
+            pipe.hset(job_key(job_id), mapping={"step": step, "total": total, "t": t})
             self._add_event(pipe, job_id, "progress", {"step": step, "total": total, "t": t})
             pipe.execute()
 
     def add_frame(self, job_id: str, step: int, t: int, png: bytes) -> int:
         """Store an x0-hat frame; returns its index."""
         with self._guard():
-            index = int(self.redis.hincrby(_k(job_id), "num_frames", 1)) - 1
+            index = int(self.redis.hincrby(job_key(job_id), "num_frames", 1)) - 1
             meta = {"index": index, "step": step, "t": t}
             pipe = self.redis.pipeline(transaction=True)
-            pipe.set(_k(job_id, "frame", index), png, ex=self.ttl)
-            pipe.rpush(_k(job_id, "frames"), json.dumps(meta))
-            pipe.expire(_k(job_id, "frames"), self.ttl)
+            pipe.set(job_key(job_id, "frame", index), png, ex=self.ttl)
+            pipe.rpush(job_key(job_id, "frames"), json.dumps(meta))
+            pipe.expire(job_key(job_id, "frames"), self.ttl)
             self._add_event(pipe, job_id, "frame", meta)
             pipe.execute()
         return index
@@ -445,26 +477,27 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         with self._guard():
-            return bool(self.redis.exists(_k(job_id, "cancel")))
+            return bool(self.redis.exists(job_key(job_id, "cancel")))
 
-    def heartbeat(self, worker: str, info: dict[str, Any], ttl_seconds: int = 15) -> None:
+    def heartbeat(self, worker: str, info: dict[str, Any], ttl_seconds: int = WORKER_LEASE_SECONDS) -> None:
+        """Say ``worker`` is alive, with its ``info``, for ``ttl_seconds`` (the setting ``worker_lease_seconds``)."""
         with self._guard():
             pipe = self.redis.pipeline(transaction=False)
-            pipe.set(f"ddpm:worker:{worker}", json.dumps(info), ex=ttl_seconds)
-            pipe.zadd("ddpm:workers", {worker: time.time()})
-            pipe.zremrangebyscore("ddpm:workers", "-inf", time.time() - 3600)
+            pipe.set(worker_key(worker), json.dumps(info), ex=ttl_seconds)
+            pipe.zadd(WORKERS_KEY, {worker: time.time()})
+            pipe.zremrangebyscore(WORKERS_KEY, "-inf", time.time() - 3600)
             pipe.execute()
 
     def worker_gone(self, worker: str) -> None:
         with self._guard():
-            self.redis.delete(f"ddpm:worker:{worker}")
-            self.redis.zrem("ddpm:workers", worker)
+            self.redis.delete(worker_key(worker))
+            self.redis.zrem(WORKERS_KEY, worker)
 
     def count_request(self, client: str, window_seconds: int = 60) -> tuple[int, int]:
         """Count one request of ``client`` (an opaque id, never a secret) in the current fixed window:
         returns (requests in this window so far, seconds until the window ends)."""
         window = int(time.time()) // window_seconds
-        key = f"ddpm:ratelimit:{client}:{window}"
+        key = ratelimit_key(client, window)
         with self._guard():
             pipe = self.redis.pipeline(transaction=True)
             pipe.incr(key)
@@ -478,276 +511,39 @@ class JobStore:
         with self._guard():
             pipe = self.redis.pipeline(transaction=False)
             for job_id, step, total, t in progress:
-                pipe.hset(_k(job_id), mapping={"step": step, "total": total, "t": t})
+                pipe.hset(job_key(job_id), mapping={"step": step, "total": total, "t": t})
                 self._add_event(pipe, job_id, "progress", {"step": step, "total": total, "t": t})
             for job_id in active:
-                pipe.exists(_k(job_id, "cancel"))
+                pipe.exists(job_key(job_id, "cancel"))
             replies = pipe.execute()
         flags = replies[len(replies) - len(active):] if active else []
         return {job_id for job_id, flag in zip(active, flags, strict=True) if flag}
 
     # ---- internals -----------------------------------------------------------------------------------------
     def _add_event(self, pipe: Any, job_id: str, event: str, data: dict[str, Any]) -> None:
-        pipe.xadd(_k(job_id, "events"), {"event": event, "data": json.dumps(data)},
+        pipe.xadd(job_key(job_id, "events"), {"event": event, "data": json.dumps(data)},
                   maxlen=self.stream_maxlen, approximate=True)
-        pipe.expire(_k(job_id, "events"), self.ttl)
+        pipe.expire(job_key(job_id, "events"), self.ttl)
 
     def _transition(self, job_id: str, src: JobState, dst: JobState, fields: dict[str, Any], event: str,
                     data: dict[str, Any], images: Sequence[bytes] = (), result: str | None = None) -> bool:
         """Atomically move a job from ``src`` to ``dst`` (WATCH/MULTI): False if it was not in ``src``."""
-        key = _k(job_id)
+        key = job_key(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
-                    if _s(pipe.hget(key, "status")) != src.value:
+                    if _text(pipe.hget(key, "status")) != src.value:
                         pipe.unwatch()
                         return False
                     pipe.multi()
                     for i, png in enumerate(images):
-                        pipe.set(_k(job_id, "image", i), png, ex=self.ttl)
+                        pipe.set(job_key(job_id, "image", i), png, ex=self.ttl)
                     if result is not None:
-                        pipe.set(_k(job_id, "result"), result, ex=self.ttl)
+                        pipe.set(job_key(job_id, "result"), result, ex=self.ttl)
                     pipe.hset(key, mapping={"status": dst.value, **fields})
                     self._add_event(pipe, job_id, event, data)
                     pipe.execute()
                     return True
                 except redis.WatchError:
                     continue
-
-
-# ---- the worker's side of RQ ------------------------------------------------------------------------------
-@dataclass
-class Claim:
-    """A job a worker took from the queue: RQ's job, queue and execution records, kept until the job ends."""
-
-    job_id: str
-    job: Any
-    queue: Any
-    execution: Any
-    claimed_at: float
-    timeout: int
-
-
-class WorkerSession:
-    """A non-forking worker's use of RQ, for a worker that runs several jobs at once in one process.
-
-    RQ's own ``SimpleWorker`` runs one job per ``perform()``; our worker batches many, so it drives RQ's
-    primitives itself and keeps every record meaning what RQ means by it: the worker is registered (birth,
-    death, heartbeat), a claimed job is ``started`` with an execution in the started registry for as long as
-    it runs, its lease (execution TTL) is ``lease_seconds`` and renewed by ``renew``, and it ends through RQ's
-    own success handling (finished registry, result), failure handling (failed registry, retries when allowed),
-    cancellation (canceled registry) or is handed back to the front of the queue. A worker that dies stops
-    renewing; ``reap_abandoned`` (any live worker runs it) lets RQ retry or fail the job within seconds and
-    brings the job's user-facing state along.
-    """
-
-    def __init__(self, redis_url: str, store: JobStore, name: str, *, lease_seconds: int = 15,
-                 maintenance_seconds: int = 30):
-        self.store = store
-        self.lease = int(lease_seconds)
-        self.name = name
-        self.maintenance_seconds = maintenance_seconds
-        self._client = connect(redis_url, timeout=10.0, connect_timeout=2.0)
-        self._rq: Any = None  # RQ's worker, made by register(): making one talks to Redis (CLIENT SETNAME)
-        self._lock = threading.Lock()
-        self.claims: dict[str, Claim] = {}
-
-    def _rq_worker(self) -> Any:
-        from rq.worker import SimpleWorker
-
-        lease = self.lease
-
-        class _LeasedWorker(SimpleWorker):
-            def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
-                return lease  # RQ's default is the job timeout + 60 s: far too long to notice a dead worker
-
-        # Maintenance every 30 s rather than RQ's 10 min: a job stranded in RQ's intermediate queue (a worker died,
-        # or Redis failed over, between taking it and starting it) is retried about 1.5 min later, not 10-20 min.
-        return _LeasedWorker([self.store.queue_name], name=self.name, connection=self._client,
-                             worker_ttl=max(lease, 16), default_result_ttl=self.store.ttl,
-                             maintenance_interval=self.maintenance_seconds)
-
-    def register(self) -> None:
-        """Register with RQ (birth, state ``idle``); raises ``StoreUnavailable`` until Redis answers."""
-        with translate_errors():
-            if self._rq is None:
-                self._rq = self._rq_worker()
-            try:
-                self._rq.register_birth()
-            except ValueError:  # our name is still registered: a previous run of this container that died
-                self._rq.register_death()
-                self._rq.register_birth()
-            self._rq.set_state("idle")
-
-    def unregister(self) -> None:
-        with translate_errors():
-            self._rq.register_death()
-
-    def claim(self, block_seconds: int | None) -> Claim | None:
-        """Take the next queued job (waiting up to ``block_seconds``; None: don't wait) and mark it started."""
-        from rq.exceptions import DequeueTimeout
-
-        rq = self._rq
-        with translate_errors():
-            try:
-                found = rq.queue_class.dequeue_any(rq.queues, block_seconds, connection=rq.connection,
-                                                   job_class=rq.job_class, serializer=rq.serializer)
-            except DequeueTimeout:
-                return None
-            if found is None:
-                return None
-            job, queue = found
-            execution = rq.prepare_execution(job)
-            rq.prepare_job_execution(job, remove_from_intermediate_queue=True)
-        claim = Claim(job.id, job, queue, execution, time.time(), int(job.timeout or self.store.job_timeout))
-        with self._lock:
-            self.claims[job.id] = claim
-        return claim
-
-    def renew(self) -> None:
-        """Extend the worker's and every claimed job's lease by ``lease_seconds`` (call every few seconds)."""
-        from rq.utils import now
-
-        with self._lock:
-            claims = list(self.claims.values())
-        with translate_errors(), self._rq.connection.pipeline() as pipe:
-            self._rq.heartbeat(self.lease + 60, pipeline=pipe)
-            for c in claims:
-                c.execution.heartbeat(c.job.started_job_registry, self.lease, pipeline=pipe)
-                c.job.heartbeat(now(), self.lease, pipeline=pipe, xx=True)
-            pipe.execute()
-
-    def _claimed(self, job_id: str) -> Claim | None:
-        with self._lock:
-            return self.claims.get(job_id)
-
-    def _release(self, job_id: str) -> None:
-        """Forget a claim once RQ's records of its end are written (a failed write keeps it, so the caller's
-        retry finds it again and its lease keeps being renewed meanwhile)."""
-        with self._lock:
-            self.claims.pop(job_id, None)
-            idle = not self.claims
-        if idle:
-            with suppress(StoreUnavailable), translate_errors():
-                self._rq.set_state("idle")  # only what RQ's tools show about the worker
-
-    def forget(self, job_id: str) -> None:
-        """Drop a claim without writing RQ's records: the job is no longer this worker's (its lease ran out and
-        it was requeued or failed meanwhile)."""
-        self._release(job_id)
-
-    def complete(self, job_id: str, result: dict[str, Any]) -> None:
-        """The job succeeded: RQ's success path (finished registry, result kept for the job TTL)."""
-        claim = self._claimed(job_id)
-        if claim is None:
-            return
-        with translate_errors():
-            self._rq._finalize_success(claim.job, claim.queue, claim.execution, result)
-        self._release(job_id)
-
-    def fail(self, job_id: str, message: str, *, retry: bool = False) -> None:
-        """The job failed: RQ's failure path (failed registry). ``retry``: use one of its retries, if any."""
-        from rq.job import JobStatus
-
-        claim = self._claimed(job_id)
-        if claim is None:
-            return
-        job = claim.job
-        if not retry:
-            job.retries_left = 0  # a request the model can't serve fails the same way every time
-        with translate_errors():
-            job._status = JobStatus.FAILED
-            self._rq.handle_execution_ended(job, claim.queue, job.failure_callback_timeout)
-            self._rq.handle_job_failure(job, claim.queue, exc_string=message, execution=claim.execution)
-        self._release(job_id)
-
-    def cancel(self, job_id: str) -> None:
-        """The job was canceled: its execution ends and RQ's job moves to the canceled registry."""
-        from rq.exceptions import InvalidJobOperation
-
-        claim = self._claimed(job_id)
-        if claim is None:
-            return
-        with translate_errors():
-            with self._rq.connection.pipeline() as pipe:
-                self._rq.cleanup_execution(claim.job, pipe, claim.execution)
-                pipe.execute()
-            with suppress(InvalidJobOperation):
-                claim.job.cancel()
-        self._release(job_id)
-
-    def hand_back(self, job_id: str) -> None:
-        """Put a claimed job back at the front of the queue (worker stopping), without using a retry: the
-        enqueue and the end of its execution in one transaction, so a retry after an error never queues it
-        twice."""
-        claim = self._claimed(job_id)
-        if claim is None:
-            return
-        with translate_errors():
-            claim.job.started_at = None
-            claim.queue.get_redis_server_version()  # read outside the transaction
-            with self._rq.connection.pipeline() as pipe:
-                claim.queue.enqueue_job(claim.job, pipeline=pipe, at_front=True)
-                self._rq.cleanup_execution(claim.job, pipe, claim.execution)
-                pipe.execute()
-        self._release(job_id)
-
-    def maintain(self) -> None:
-        """RQ's periodic housekeeping, every ``maintenance_seconds`` and by one worker at a time (RQ's lock):
-        expired entries of the finished/failed/canceled registries, dead workers, and job ids stranded in RQ's
-        intermediate queue by a worker that died, or lost its Redis to a failover, between dequeuing and starting
-        them (after a minute RQ retries those, or fails them when no retry is left; their user-facing state
-        follows)."""
-        from rq import worker_registration
-        from rq.job import JobStatus
-        from rq.utils import now
-
-        rq = self._rq
-        if not rq.should_run_maintenance_tasks:
-            return
-        queue = rq.queues[0]
-        with translate_errors():
-            # RQ's own lock (acquire_maintenance_lock) lives 15 minutes: one left behind by a failover between
-            # taking and releasing it would stop this for that long. Ours expires before the next run is due.
-            ttl = max(int(rq.maintenance_interval) - 1, 1)
-            if rq.connection.set(queue.registry_cleaning_key, self.name, nx=True, ex=ttl):
-                try:
-                    for registry in (queue.finished_job_registry, queue.failed_job_registry,
-                                     queue.canceled_job_registry):
-                        registry.cleanup()
-                    worker_registration.clean_worker_registry(queue)
-                    stranded = [j for j in queue.intermediate_queue.get_job_ids() if j not in self.claims]
-                    queue.intermediate_queue.cleanup(rq, queue)
-                    for job_id in stranded:
-                        job = queue.fetch_job(job_id)
-                        if job is not None and job.get_status() == JobStatus.FAILED:
-                            self.store.fail(job_id, "worker_lost", "the worker that took this job stopped before "
-                                                                   "starting it; submit the request again")
-                finally:
-                    queue.release_maintenance_lock()
-            rq.last_cleaned_at = now()
-
-    def reap_abandoned(self) -> list[str]:
-        """Jobs whose worker stopped renewing its lease: RQ retries them (if they have retries left) or moves
-        them to the failed registry; their user-facing state is moved first, so a worker that picks up the
-        retry finds the job ``queued``. Returns the job ids handled."""
-        from rq.job import JobStatus
-
-        with translate_errors():
-            queue = self._rq.queues[0]
-            registry = queue.started_job_registry
-            expired = [j for j in registry.get_expired_job_ids() if j not in self.claims]
-            if not expired or not self.store.redis.set("ddpm:reaper", self.name, nx=True, ex=self.lease):
-                return []  # nothing to do, or another worker is on it
-            for job_id in expired:
-                rq_job = queue.fetch_job(job_id)
-                if rq_job is None or rq_job.get_status(refresh=False) != JobStatus.STARTED:
-                    continue  # RQ leaves these alone too
-                if rq_job.retries_left:
-                    self.store.requeued(job_id, "its worker stopped responding; it will run again")
-                else:
-                    self.store.fail(job_id, "worker_lost", "the worker running this job stopped responding and "
-                                                           "its retries are used up; submit the request again")
-            registry.cleanup()
-        return expired

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = ["RedisServer", "die_with_parent", "find_redis_server", "free_port"]
 
@@ -83,13 +85,16 @@ class RedisServer:
                 "--loglevel", "warning"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True, preexec_fn=die_with_parent)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        # A read timeout too (another program listening on the port accepts the connection and never answers),
+        # and no retries inside a ping: this loop is the retry, and it watches the process between tries.
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5,
+                             retry=Retry(NoBackoff(), 0))
         deadline = time.monotonic() + timeout
         while True:
             try:
                 client.ping()
                 break
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 if self.proc.poll() is not None:
                     err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                     raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err}") from None

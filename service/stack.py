@@ -12,9 +12,10 @@ stack's* worker (by its name) has sent its heartbeat to this stack's Redis; anot
 
 Supervision: a child that exits is restarted (backoff 1 s doubling to 30 s, reset after a minute up; logged);
 after ``MAX_RESTARTS`` quick failures in a row the stack stops with status 1. A restarted worker's job is
-retried once its lease runs out (``--lease-seconds``). Stopping (Ctrl-C, SIGTERM, SIGHUP): the API first (no new
-requests), then the worker (it finishes its jobs for up to ``--stop-grace`` seconds, then hands the rest back to
-the queue without using their retries), then Redis, last; a second Ctrl-C makes the worker hand back at once.
+retried once its lease runs out (``--lease-seconds``, which overrides the setting ``worker_lease_seconds``).
+Stopping (Ctrl-C, SIGTERM, SIGHUP): the API first (no new requests), then the worker (it finishes its jobs for up
+to ``--stop-grace`` seconds, then hands the rest back to the queue without using their retries), then Redis,
+last; a second Ctrl-C makes the worker hand back at once.
 
 This module knows process management only; the children own their work. The worker gets no API keys.
 """
@@ -56,7 +57,9 @@ FIRST_METRICS_PORT = 9100  # the worker's metrics port when none is asked for: t
 RESTART_BACKOFF = (1.0, 30.0)  # first and longest wait before restarting a child that exited
 STABLE_SECONDS = 60.0  # a child up this long has its backoff reset
 MAX_RESTARTS = 5  # quick failures in a row before the stack gives up
-WORKER_STORE_GRACE = 25.0  # beyond --stop-grace: the worker's last writes (service.worker waits 15 s for Redis)
+# Beyond --stop-grace, a stopping worker's last writes may wait one lease for an unavailable Redis
+# (service.worker); this much more is left for its exit before it is killed.
+WORKER_EXIT_MARGIN = 10.0
 
 
 class StackError(RuntimeError):
@@ -148,7 +151,6 @@ class Stack:
     device: str
     worker_metrics_port: int | None  # None: the first free one from 9100; 0: off
     stop_grace: float = 10.0
-    lease_seconds: int = 15
     redis: RedisServer | None = None
     children: dict[str, Child] = field(default_factory=dict)
     redis_url: str = ""
@@ -229,21 +231,22 @@ class Stack:
             except (OSError, RuntimeError) as exc:  # no binary, or it would not start
                 raise StackError(f"could not start a private redis-server: {exc}; or pass --redis-url") from None
             self.redis_url = self.redis.url
-        checkpoints = [f"--checkpoint={n}={p}" for n, p in self.settings.checkpoints.items()]
-        common = ["--redis-url", self.redis_url, *checkpoints]
-        host = self.settings.host
-
-        def worker_argv(n: int) -> list[str]:
-            return ["worker", *common, "--device", self.device, "--name", self._worker_name(n),
-                    "--metrics-host", host, "--metrics-port", str(self.worker_metrics_port),
-                    "--stop-grace", str(self.stop_grace), "--lease-seconds", str(self.lease_seconds)]
-
         env = os.environ.copy()
-        self.children["worker"] = Child("worker", worker_argv, _without_api_keys(env))
-        self.children["api"] = Child("api", lambda n: ["serve", *common, "--host", host, "--port",
-                                                       str(self.settings.port)], env)
+        self.children["worker"] = Child("worker", self.worker_argv, _without_api_keys(env))
+        self.children["api"] = Child("api", lambda n: ["serve", *self._common_argv(), "--host", self.settings.host,
+                                                       "--port", str(self.settings.port)], env)
         for child in self.children.values():
             child.start()
+
+    def _common_argv(self) -> list[str]:
+        return ["--redis-url", self.redis_url,
+                *(f"--checkpoint={n}={p}" for n, p in self.settings.checkpoints.items())]
+
+    def worker_argv(self, incarnation: int) -> list[str]:
+        """The arguments of the worker's ``incarnation``-th start (``ddpm worker ...``)."""
+        return ["worker", *self._common_argv(), "--device", self.device, "--name", self._worker_name(incarnation),
+                "--metrics-host", self.settings.host, "--metrics-port", str(self.worker_metrics_port),
+                "--stop-grace", str(self.stop_grace), "--lease-seconds", str(self.settings.worker_lease_seconds)]
 
     def wait_ready(self, timeout: float, stop: threading.Event) -> None:
         """Until the API answers and this stack's own worker has sent a heartbeat to this stack's Redis."""
@@ -272,7 +275,8 @@ class Stack:
 
     def _worker_up(self, store: JobStore) -> bool:
         try:
-            return any(w.get("name") == self.worker_name for w in store.live_workers())
+            live = store.live_workers(self.settings.worker_lease_seconds)
+            return any(w.get("name") == self.worker_name for w in live)
         except StoreUnavailable:
             return False
 
@@ -321,7 +325,8 @@ class Stack:
         if "api" in self.children:
             self.children["api"].stop(10.0)
         if "worker" in self.children:
-            self.children["worker"].stop(self.stop_grace + WORKER_STORE_GRACE, again)
+            grace = self.stop_grace + self.settings.worker_lease_seconds + WORKER_EXIT_MARGIN
+            self.children["worker"].stop(grace, again)
         if self.redis is not None:
             log.info("stopping redis-server (pid %s)", self.redis.proc.pid if self.redis.proc else "-")
             self.redis.stop()
@@ -348,8 +353,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              f"first free one from {FIRST_METRICS_PORT})")
     parser.add_argument("--stop-grace", type=float, default=10.0,
                         help="on Ctrl-C, seconds the worker keeps running its jobs before handing them back")
-    parser.add_argument("--lease-seconds", type=int, default=15,
-                        help="a job whose worker died is retried after this long (the worker's lease)")
+    parser.add_argument("--lease-seconds", type=int,
+                        help="a job whose worker died is retried after this long (the worker's lease; "
+                             "DDPM_WORKER_LEASE_SECONDS, 15)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
 
 
@@ -361,12 +367,21 @@ def _stack_from_args(args: argparse.Namespace, settings: Settings) -> Stack:
     return Stack(settings, external_redis=external,
                  data_dir=None if external else (args.data_dir or default_data_dir(settings.port)),
                  device=args.device or settings.device, worker_metrics_port=metrics_port,
-                 stop_grace=args.stop_grace, lease_seconds=args.lease_seconds)
+                 stop_grace=args.stop_grace)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The API's flags on the environment (``settings_from_args``), then ``--lease-seconds`` on top."""
+    settings = settings_from_args(args)
+    if args.lease_seconds is None:
+        return settings
+    given = settings.model_dump(exclude_unset=True)  # only what was set: "set" stays meaningful (metrics port)
+    return Settings.model_validate({**given, "worker_lease_seconds": args.lease_seconds})
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        settings = settings_from_args(args)
+        settings = _settings(args)
     except ValidationError as exc:
         print(f"ddpm up: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
         return 2

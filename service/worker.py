@@ -8,9 +8,14 @@ thread and the metrics/health server. The main thread is the *denoising thread*:
     loop:  admit queued jobs while the batch has room (block briefly only when idle)
            engine.tick()       one U-Net forward for all active jobs + one Redis round-trip (progress, cancels)
 
-Everything slow or blocking that is not the forward (PNG encoding, frame and result writes, RQ bookkeeping of
-finished jobs) runs on ``previews.Lanes``, in order per job. The worker process never forks (CUDA cannot be
-re-initialised in a forked child): it drives RQ through ``queue.WorkerSession``.
+The engine reports to ``service.store_sink.StoreSink``, which runs everything slow or blocking that is not the
+forward (PNG encoding, frame and result writes, RQ bookkeeping of finished jobs) on ``service.lanes.Lanes``, in
+order per job. The worker process never forks (CUDA cannot be re-initialised in a forked child): it drives RQ
+through ``service.worker_session.WorkerSession``.
+
+One setting times liveness, ``worker_lease_seconds`` (``--lease-seconds``, default 15): the worker's heartbeat
+lives that long and is sent every third of it, each claimed job's lease is that long and renewed with the
+heartbeat, and a stopping worker's last writes wait that long for an unavailable store.
 
 Store errors (``StoreUnavailable``: Redis unreachable, timed out, full, read-only, loading) never stop the
 worker: the loop backs off and resumes, keeping its models and its running jobs; each write on a lane is retried
@@ -19,8 +24,8 @@ written is started on a later turn. Waiting for Redis at start-up, too.
 
 Stopping (SIGTERM/SIGINT): no new jobs; active jobs keep stepping for up to ``--stop-grace`` seconds, then the
 rest are handed back to the front of the queue (status ``queued`` again); a second signal hands back at once.
-Every job's writes are drained before exit (given up ``STOP_STORE_GRACE_SECONDS`` after the loop ends if Redis
-stays away: the job's lease then hands it to another worker), so none is half-written; the exit status is 0.
+Every job's writes are drained before exit (given up one lease after the loop ends if Redis stays away: by then
+the job's lease has run out and another worker retries it), so none is half-written; the exit status is 0.
 
 This module adapts the engine to Redis; it knows no HTTP routes beyond its own /metrics and /healthz.
 """
@@ -41,7 +46,7 @@ from dataclasses import replace
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,20 +56,19 @@ from pydantic import ValidationError
 from model.images import from_uint8
 from model.inference import InferenceOptions, default_options
 from service import metrics
-from service.engine import Engine, JobRejected, JobSpec, Measurement, Progress, ServedModel, TickStats
-from service.previews import Lanes, encode_frame, encode_images
-from service.queue import JobState, JobStore, StoreUnavailable, WorkerSession, connect
+from service.engine import Engine, JobRejected, JobSpec, ServedModel, TickStats
+from service.job_state import JobState
+from service.lanes import Lanes
+from service.queue import JobStore, StoreUnavailable, connect
 from service.settings import Settings, describe_validation_error, get_settings, parse_checkpoints
+from service.store_sink import StoreSink, StoreWriter
+from service.worker_session import WorkerSession
 
-__all__ = ["StoreSink", "Worker", "configure_parser", "main", "run_job"]
+__all__ = ["Worker", "configure_parser", "main", "run_job"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-HEARTBEAT_SECONDS = 5.0  # at most; a third of the job lease when that is shorter
-HEARTBEAT_TTL_SECONDS = 15
 LOOP_STALL_SECONDS = 120.0  # /healthz fails when the loop has not come round for this long
-STOP_STORE_GRACE_SECONDS = 15.0  # when stopping, how long the last writes wait for an unavailable store
 
 
 def pick_device(device: str) -> torch.device:
@@ -110,142 +114,22 @@ def job_spec(job_id: str, record: Mapping[str, Any], pngs: Sequence[bytes | None
                                 inputs=input_pictures(pngs))
 
 
-class StoreWriter:
-    """Runs a store write until it succeeds: a store that is down, full or read-only is waited out (backoff
-    0.5 s doubling to 5 s, logged), never a reason to drop a frame or a result. Once ``give_up_at`` (monotonic
-    seconds) is set and passed (the worker is stopping and its grace for the store is over), the write raises
-    ``StoreUnavailable`` instead: the job is then left to its lease (another worker retries it or fails it)."""
-
-    def __init__(self) -> None:
-        self.give_up_at: float | None = None
-
-    def __call__(self, fn: Callable[[], T], what: str) -> T:
-        backoff, tries = 0.5, 0
-        while True:
-            try:
-                return fn()
-            except StoreUnavailable as exc:
-                tries += 1
-                metrics.WORKER_ERRORS.labels("redis").inc()
-                if self.give_up_at is not None and time.monotonic() >= self.give_up_at:
-                    log.error("gave up %s after %d tries (%s): the job's lease will expire and another worker "
-                              "will retry or fail it", what, tries, exc)
-                    raise
-                if tries == 1 or tries % 10 == 0:
-                    log.warning("store unavailable while %s (%s; try %d); retrying", what, exc, tries)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-
-class StoreSink:
-    """The engine's sink: progress and cancel checks in one round-trip; everything else on the job's lane, each
-    write retried by ``writer`` until the store takes it."""
-
-    def __init__(self, store: JobStore, lanes: Lanes, session: WorkerSession | None = None,
-                 writer: StoreWriter | None = None):
-        self.store, self.lanes, self.session = store, lanes, session
-        self.write = writer or StoreWriter()
-        self._running: dict[str, tuple[str, str, float]] = {}  # job id -> (model, kind, monotonic start)
-        self.outcomes: dict[str, str] = {}  # terminal state per job, for run_job
-
-    def began(self, job_id: str, model: str, kind: str = "generate") -> None:
-        self._running[job_id] = (model, kind, time.monotonic())
-
-    def _finished(self, job_id: str, status: str, images: int = 0) -> None:
-        model, kind, started = self._running.pop(job_id, ("unknown", "generate", time.monotonic()))
-        metrics.JOBS_FINISHED.labels(model, kind, status).inc()
-        metrics.JOB_RUN_DURATION.labels(model, kind, status).observe(time.monotonic() - started)
-        if images:
-            metrics.IMAGES_GENERATED.labels(model).inc(images)
-        self.outcomes[job_id] = status
-
-    def _session(self, call: Callable[[WorkerSession], None], what: str) -> None:
-        session = self.session
-        if session is not None:
-            self.write(lambda: call(session), what)
-
-    def sync(self, progress: Sequence[Progress], active: Sequence[str]) -> set[str]:
-        return self.store.sync_progress([(p.job_id, p.step, p.total, p.t) for p in progress], active)
-
-    def frame(self, job_id: str, step: int, t: int, x0_hat: torch.Tensor) -> None:
-        x = x0_hat.detach().cpu()  # the one host<->device copy of a step, on preview steps only
-
-        def task() -> None:
-            png = encode_frame(x)
-            self.write(lambda: self.store.add_frame(job_id, step, t, png), f"storing a frame of job {job_id}")
-
-        self.lanes.submit(job_id, task)
-
-    def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
-        x = images.detach().cpu()
-        self.lanes.submit(job_id, lambda: self._succeed(job_id, last, encode_images(x), None))
-
-    def measured(self, job_id: str, measurement: Measurement, last: Progress) -> None:
-        self.lanes.submit(job_id, lambda: self._succeed(job_id, last, [], measurement.as_dict()))
-
-    def _succeed(self, job_id: str, last: Progress, pngs: list[bytes], result: dict[str, Any] | None) -> None:
-        """On the job's lane: its last progress, then its images or result with ``succeeded`` in one write."""
-        self.write(lambda: self.store.progress(job_id, last.step, last.total, last.t),
-                   f"writing the progress of job {job_id}")
-        if self.write(lambda: self.store.succeed(job_id, pngs, result), f"storing the results of job {job_id}"):
-            self._finished(job_id, JobState.SUCCEEDED.value, len(pngs))
-            self._session(lambda s: s.complete(job_id, {"status": "succeeded", "images": len(pngs)}),
-                          f"recording job {job_id} as finished")
-            return
-        status = self.write(lambda: (self.store.get(job_id) or {}).get("status"), f"reading job {job_id}")
-        if status == JobState.CANCELED:  # canceled between its last step and now: the cancel wins
-            self._finished(job_id, JobState.CANCELED.value)
-            self._session(lambda s: s.cancel(job_id), f"recording job {job_id} as canceled")
-        else:  # no longer ours (e.g. requeued after its lease ran out during a long store outage)
-            log.warning("job %s is %s, no longer running here: its results are dropped", job_id, status)
-            self._running.pop(job_id, None)
-            if self.session is not None:
-                self.session.forget(job_id)
-
-    def canceled(self, job_id: str) -> None:
-        def task() -> None:
-            self.write(lambda: self.store.mark_canceled(job_id), f"marking job {job_id} canceled")
-            self._finished(job_id, JobState.CANCELED.value)
-            self._session(lambda s: s.cancel(job_id), f"recording job {job_id} as canceled")
-
-        self.lanes.submit(job_id, task)
-
-    def failed(self, job_id: str, code: str, message: str) -> None:
-        metrics.WORKER_ERRORS.labels(f"job_{code}").inc()
-
-        def task() -> None:
-            self.write(lambda: self.store.fail(job_id, code, message), f"recording the failure of job {job_id}")
-            self._finished(job_id, JobState.FAILED.value)
-            self._session(lambda s: s.fail(job_id, f"{code}: {message}"), f"recording job {job_id} as failed")
-
-        self.lanes.submit(job_id, task)
-
-    def handed_back(self, job_id: str, reason: str) -> None:
-        def task() -> None:
-            self._running.pop(job_id, None)
-            self.outcomes[job_id] = JobState.QUEUED.value
-            self.write(lambda: self.store.requeued(job_id, reason), f"handing job {job_id} back")
-            self._session(lambda s: s.hand_back(job_id), f"putting job {job_id} back in the queue")
-
-        self.lanes.submit(job_id, task)
-
-
 class Worker:
     """One worker process: models, engine, RQ session, heartbeat thread, metrics server, signals."""
 
     def __init__(self, settings: Settings, *, name: str | None = None, device: str | None = None,
-                 batch_invariant: bool | None = None, stop_grace: float = 10.0, lease_seconds: int = 15):
+                 batch_invariant: bool | None = None, stop_grace: float = 10.0):
         self.settings = settings
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.device = pick_device(device or settings.device)
         self.batch_invariant = self.device.type == "cpu" if batch_invariant is None else batch_invariant
         self.options = inference_options(settings, self.device)
         self.stop_grace = stop_grace
-        self.beat_every = min(HEARTBEAT_SECONDS, lease_seconds / 3)
+        self.lease = settings.worker_lease_seconds
+        self.beat_every = self.lease / 3
         self.store = JobStore(connect(settings.redis_url, timeout=5.0), queue_name=settings.queue_name,
                               ttl_seconds=settings.job_ttl_seconds, job_timeout_seconds=settings.job_timeout_seconds)
-        self.session = WorkerSession(settings.redis_url, self.store, self.name, lease_seconds=lease_seconds)
-        self.lease = lease_seconds
+        self.session = WorkerSession(settings.redis_url, self.store, self.name, lease_seconds=self.lease)
         self.lanes = Lanes(threads=2, on_error=lambda exc: metrics.WORKER_ERRORS.labels("background").inc())
         self.writer = StoreWriter()
         self.sink = StoreSink(self.store, self.lanes, self.session, self.writer)
@@ -263,7 +147,7 @@ class Worker:
             log.info("loading model %s from %s on %s (%s)", name, path, self.device, self.options.describe())
             model = ServedModel.load(name, path, self.device, batch_invariant=self.batch_invariant,
                                      options=self.options)
-            model.warm_up()
+            model.eps_fn.warm_up()
             self.models[name] = model
         self.engine = Engine(self.models, self.sink, max_batch_size=self.settings.max_batch_size)
         metrics.WORKER_MODEL_LOADED.set(1)
@@ -305,7 +189,7 @@ class Worker:
         try:
             self._loop(self.engine)
         finally:
-            self.writer.give_up_at = time.monotonic() + STOP_STORE_GRACE_SECONDS
+            self.writer.give_up_at = time.monotonic() + self.lease
             handed = self.engine.hand_back_all("the worker stopped before finishing it; it will run again")
             for job_id in self._unstarted:  # claimed, never started: back to the queue as they were
                 self._on_lane(job_id, self.session.hand_back, "putting job {} back in the queue")
@@ -386,7 +270,7 @@ class Worker:
         pngs = self.store.inputs(job_id, queued["num_inputs"]) if queued else []
         record = self.store.start(job_id, self.name)
         if record is None:  # canceled while queued, or already finished
-            self._on_lane(job_id, self.session.cancel, "recording job {} as canceled")
+            self._on_lane(job_id, self.session.record_canceled, "recording job {} as canceled")
             return
         if record.get("created_at") and record.get("started_at"):
             metrics.JOB_QUEUE_WAIT.labels(record["model"]).observe(record["started_at"] - record["created_at"])
@@ -426,7 +310,7 @@ class Worker:
         failing = False
         while not self._done.is_set():
             try:
-                self.store.heartbeat(self.name, self.info(), ttl_seconds=HEARTBEAT_TTL_SECONDS)
+                self.store.heartbeat(self.name, self.info(), ttl_seconds=self.lease)
                 self.session.renew()
                 if failing:
                     failing, store_back_at = False, time.monotonic()
@@ -486,13 +370,18 @@ def serve_metrics(worker: Worker, host: str, port: int) -> ThreadingHTTPServer:
 
 
 # ---- RQ's job function ---------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def _standalone_models() -> Mapping[str, ServedModel]:
-    settings = get_settings()
+def _standalone_models(settings: Settings) -> Mapping[str, ServedModel]:
+    """The served models for ``settings``, loaded once per process for the checkpoints, device and options they
+    name (other settings load them anew)."""
     device = pick_device(settings.device)
-    options = inference_options(settings, device)
+    return _models(tuple(settings.checkpoints.items()), device, inference_options(settings, device))
+
+
+@lru_cache(maxsize=1)
+def _models(checkpoints: tuple[tuple[str, str], ...], device: torch.device, options: InferenceOptions
+            ) -> Mapping[str, ServedModel]:
     return {name: ServedModel.load(name, path, device, batch_invariant=device.type == "cpu", options=options)
-            for name, path in settings.checkpoints.items()}
+            for name, path in checkpoints}
 
 
 def run_job(job_id: str) -> dict[str, Any]:
@@ -504,7 +393,7 @@ def run_job(job_id: str) -> dict[str, Any]:
                      ttl_seconds=settings.job_ttl_seconds)
     lanes = Lanes(threads=2)
     sink = StoreSink(store, lanes)
-    engine = Engine(_standalone_models(), sink, max_batch_size=settings.max_batch_size)
+    engine = Engine(_standalone_models(settings), sink, max_batch_size=settings.max_batch_size)
     record = store.start(job_id, f"rq-{os.getpid()}")
     if record is None:
         return {"status": "canceled"}
@@ -548,8 +437,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="pad lone images so results never depend on the batch (auto: on for CPU)")
     parser.add_argument("--stop-grace", type=float, default=10.0,
                         help="seconds to keep running active jobs after SIGTERM before handing them back")
-    parser.add_argument("--lease-seconds", type=int, default=15,
-                        help="a job whose worker has not renewed it for this long is retried or failed")
+    parser.add_argument("--lease-seconds", type=int,
+                        help="a worker not heard from for this long is gone: its jobs are retried or failed "
+                             "(env DDPM_WORKER_LEASE_SECONDS; 15)")
     parser.add_argument("--webhook-concurrency", type=int,
                         help="webhook deliveries in flight in this worker, 0: none (env DDPM_WEBHOOK_CONCURRENCY; 8)")
 
@@ -559,7 +449,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for flag, field in (("redis_url", "redis_url"), ("device", "device"), ("metrics_port", "worker_metrics_port"),
                         ("max_batch_size", "max_batch_size"), ("precision", "precision"),
                         ("channels_last", "channels_last"), ("compile", "compile"), ("cuda_graphs", "cuda_graphs"),
-                        ("webhook_concurrency", "webhook_concurrency")):
+                        ("webhook_concurrency", "webhook_concurrency"), ("lease_seconds", "worker_lease_seconds")):
         if getattr(args, flag, None) is not None:
             overrides[field] = getattr(args, flag)
     if args.checkpoint:
@@ -574,8 +464,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"ddpm worker: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
     invariant = {"auto": None, "on": True, "off": False}[args.batch_invariant]
-    worker = Worker(settings, name=args.name, batch_invariant=invariant, stop_grace=args.stop_grace,
-                    lease_seconds=args.lease_seconds)
+    worker = Worker(settings, name=args.name, batch_invariant=invariant, stop_grace=args.stop_grace)
     server = None
     if settings.worker_metrics_port:
         try:

@@ -9,6 +9,7 @@ import torch
 
 from model.config import DiffusionConfig, UNetConfig
 from tests.observed import Recorder
+from tests.tiny_model import TINY_UNET
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,8 +34,7 @@ def _seed() -> None:
 
 @pytest.fixture
 def tiny_unet_config() -> UNetConfig:
-    return UNetConfig(image_size=8, in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                      attn_resolutions=(4,), dropout=0.0, num_groups=4)
+    return TINY_UNET
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from model.checkpoint import save_checkpoint
 from model.config import DiffusionConfig
 from model.unet import UNet
-from tests.service.conftest import TINY_UNET
+from tests.tiny_model import TINY_UNET
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -32,7 +32,7 @@ import pytest
 import redis
 import yaml
 
-from service.queue import JobStore, connect
+from service.queue import JobStore, connect, job_key
 from service.redis_server import RedisServer, free_port
 from service.settings import Settings
 from tests.chaos.conftest import Chaos
@@ -452,8 +452,9 @@ def _usage(client: Any, job_id: str) -> dict[str, int]:
     return {k.decode(): int(client.memory_usage(k, samples=0) or 0) for k in keys}
 
 
-def _part(usage: dict[str, int], marker: str) -> int:
-    return sum(v for k, v in usage.items() if marker in k)
+def _part(usage: dict[str, int], job_id: str, part: str) -> int:
+    """The memory of a job's keys of one kind (``job_key(id, part, n)`` for every n)."""
+    return sum(v for k, v in usage.items() if k.startswith(job_key(job_id, part, "")))
 
 
 def _noise_png(size: int, channels: int, seed: int) -> str:
@@ -519,9 +520,9 @@ def test_a_largest_job_fits_the_stores_sizing(rig: Rig, chaos: Chaos, tmp_path: 
             assert job["status"] == "succeeded" and len(job["frames"]) == frames[kind], job
             usage = _usage(client, job_id)
             total = sum(usage.values())
-            parts = {"frames": _part(usage, ":frame:"), "images": _part(usage, ":image:"),
-                     "inputs": _part(usage, ":input:"), "result": usage.get(f"ddpm:job:{job_id}:result", 0),
-                     "events": usage.get(f"ddpm:job:{job_id}:events", 0)}
+            parts = {"frames": _part(usage, job_id, "frame"), "images": _part(usage, job_id, "image"),
+                     "inputs": _part(usage, job_id, "input"), "result": usage.get(job_key(job_id, "result"), 0),
+                     "events": usage.get(job_key(job_id, "events"), 0)}
             ok = total <= PER_JOB_BUDGET_BYTES
             chaos.record(f"store memory of a 16-picture, {frames[kind]}-frame {kind} job of {model}",
                          f"<= {PER_JOB_BUDGET_BYTES / 1e6:.2f} MB (the maxmemory sizing)",
@@ -530,7 +531,7 @@ def test_a_largest_job_fits_the_stores_sizing(rig: Rig, chaos: Chaos, tmp_path: 
             assert ok, usage
             for fmt in ("webp", "gif"):  # both animations, cached with the job (below the mark only)
                 assert httpx.get(f"{api.url}/jobs/{job_id}/animation.{fmt}", timeout=120).status_code == 200
-            cached = _part(_usage(client, job_id), ":animation:")
+            cached = _part(_usage(client, job_id), job_id, "animation")
             chaos.record("its two animations (webp + gif), cached below the mark", "measured",
                          f"{cached / 1e6:.2f} MB", cached > 0)
             assert cached > 0

@@ -15,9 +15,10 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.queue import JobStore, WorkerSession
+from service.queue import JobStore
 from service.redis_server import RedisServer
 from service.settings import Settings
+from service.worker_session import WorkerSession
 from tests.deploy import files
 
 pytestmark = pytest.mark.skipif(files.kubectl() is None, reason="kubectl is not installed (it renders k8s/)")

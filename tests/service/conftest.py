@@ -16,13 +16,13 @@ import torch
 import uvicorn
 
 from model.checkpoint import save_checkpoint
-from model.config import DiffusionConfig, UNetConfig
+from model.config import DiffusionConfig
 from model.unet import UNet
+from service.queue import worker_key
 from service.redis_server import RedisServer, free_port
 from service.settings import Settings
+from tests.tiny_model import TINY_UNET
 
-TINY_UNET = UNetConfig(image_size=8, in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                       attn_resolutions=(4,), dropout=0.0, num_groups=4)
 TINY_DIFFUSION = DiffusionConfig(num_timesteps=40)
 
 
@@ -121,7 +121,7 @@ class WorkerProcess:
         client = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + timeout
         try:
-            while not client.exists(f"ddpm:worker:{self.name}"):
+            while not client.exists(worker_key(self.name)):
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
                 if time.monotonic() > deadline:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from model.bound import likelihood, rd_grid
 from model.inference import InferenceOptions, default_options
 from model.latents import interpolate, reconstruct
-from service.engine import Engine, JobRejected, JobSpec, Measurement, Progress, ServedModel
+from service.engine import Engine, JobRejected, JobSpec, Measurement, ServedModel, StepProgress
 
 
 @dataclass
@@ -25,22 +26,22 @@ class RecordingSink:
     events: list[tuple[str, str]] = field(default_factory=list)  # (kind, job id), in call order
     images: dict[str, torch.Tensor] = field(default_factory=dict)
     frames: dict[str, list[int]] = field(default_factory=dict)
-    progress: list[Progress] = field(default_factory=list)
+    progress: list[StepProgress] = field(default_factory=list)
     errors: dict[str, tuple[str, str]] = field(default_factory=dict)
     measurements: dict[str, Measurement] = field(default_factory=dict)
 
-    def sync(self, progress: Sequence[Progress], active: Sequence[str]) -> set[str]:
+    def sync(self, progress: Sequence[StepProgress], active: Sequence[str]) -> set[str]:
         self.progress.extend(progress)
         return self.cancel & set(active)
 
     def frame(self, job_id: str, step: int, t: int, x0_hat: torch.Tensor) -> None:
         self.frames.setdefault(job_id, []).append(step)
 
-    def succeeded(self, job_id: str, images: torch.Tensor, last: Progress) -> None:
+    def succeeded(self, job_id: str, images: torch.Tensor, last: StepProgress) -> None:
         self.events.append(("succeeded", job_id))
         self.images[job_id] = images.clone()
 
-    def measured(self, job_id: str, measurement: Measurement, last: Progress) -> None:
+    def measured(self, job_id: str, measurement: Measurement, last: StepProgress) -> None:
         self.events.append(("measured", job_id))
         self.measurements[job_id] = measurement
 
@@ -172,6 +173,19 @@ def test_requests_the_model_cannot_serve_are_rejected(tiny: ServedModel) -> None
     assert engine.idle
 
 
+def test_unknown_option_names_are_rejected_at_admission_for_every_kind(tiny: ServedModel) -> None:
+    """The model's chains are the one check of sampler and variance names: their refusal is the job's."""
+    engine = Engine({"tiny": tiny}, RecordingSink())
+    for bad in (spec("g", variance="huge"), spec("r", start_t=4, steps=4, inputs=on_grid(1, 0), sampler="euler"),
+                spec("i", kind="interpolate", num_images=2, steps=4, t=4, lambdas=(0.0, 1.0), inputs=on_grid(2, 0),
+                     variance="huge"),
+                spec("l", kind="likelihood", num_images=1, steps=40, inputs=on_grid(1, 0), variance="huge")):
+        with pytest.raises(JobRejected, match="one of") as err:
+            engine.add(bad)
+        assert err.value.code == "invalid_request"
+    assert engine.idle
+
+
 def test_a_failing_forward_fails_its_jobs_and_the_engine_goes_on(tiny: ServedModel,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     sink = RecordingSink()
@@ -268,6 +282,27 @@ def test_the_worker_reports_its_inference_options_in_the_heartbeat_info(redis_ur
     finally:
         worker.lanes.close()
         metrics.WORKER_MODEL_LOADED.set(0)  # this process is not a worker
+
+
+def test_one_setting_times_the_workers_liveness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DDPM_WORKER_LEASE_SECONDS (``--lease-seconds`` on top) sets the heartbeat's lifetime and interval (a
+    third), every claimed job's lease and how long a stopping worker's last writes wait for the store."""
+    import argparse
+
+    from service.worker import Worker, configure_parser, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert settings_from_args(parser.parse_args([])).worker_lease_seconds == 15
+    monkeypatch.setenv("DDPM_WORKER_LEASE_SECONDS", "9")
+    worker = Worker(settings_from_args(parser.parse_args([])), name="lease-test", device="cpu")
+    try:
+        assert (worker.lease, worker.beat_every, worker.session.lease) == (9, 3.0, 9)
+    finally:
+        worker.lanes.close()
+    assert settings_from_args(parser.parse_args(["--lease-seconds", "6"])).worker_lease_seconds == 6
+    with pytest.raises(ValidationError, match="worker_lease_seconds"):
+        settings_from_args(parser.parse_args(["--lease-seconds", "1"]))
 
 
 # ---- the paper's other operations as jobs (model.latents, model.bound) ------------------------------------------

@@ -17,10 +17,11 @@ import httpx
 import pytest
 import redis
 
-from service.queue import JobStore, StoreUnavailable, WorkerSession, connect
+from service.queue import JobStore, StoreUnavailable, connect
 from service.redis_server import die_with_parent, find_redis_server, free_port
 from service.redis_url import parse_sentinel_url
 from service.settings import Settings
+from service.worker_session import WorkerSession
 from tests.service.conftest import ApiServer, WorkerProcess
 
 SERVICE = "mymaster"
@@ -142,7 +143,7 @@ def test_jobs_survive_the_loss_of_the_primary(sentinel_cluster: SentinelCluster,
                     http.get(f"/jobs/{j}").json()["status"] in TERMINAL for j in accepted)
 
             # A job the worker was taking from the queue as the primary died is stranded in RQ's intermediate
-            # queue; worker maintenance retries it after a minute or two (service.queue.WorkerSession.maintain).
+            # queue; worker maintenance retries it after a minute or two (WorkerSession.maintain).
             try:
                 _wait(all_ended, 240, "jobs did not finish after the failover")
             finally:
@@ -160,21 +161,22 @@ def test_jobs_survive_the_loss_of_the_primary(sentinel_cluster: SentinelCluster,
         api.stop()
 
 
-def test_a_maintenance_lock_lost_in_a_failover_expires_before_the_next_run(redis_url: str) -> None:
+def test_a_maintenance_lock_lost_in_a_failover_expires_before_the_next_run(redis_url: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A failover between taking the maintenance lock and releasing it leaves the lock on the promoted replica:
     it must not outlive the maintenance interval, or stranded jobs wait that long to be retried."""
     store = JobStore(connect(redis_url), queue_name="ddpm")
     session = WorkerSession(redis_url, store, "lock-test", maintenance_seconds=30)
     session.register()
-    queue = session._rq.queues[0]
-    real_delete = session._rq.connection.delete
+    queue = session.rq_worker.queues[0]
+    real_delete = session.rq_worker.connection.delete
 
     def failover(*keys: str) -> int:
         if queue.registry_cleaning_key in keys:
             raise redis.ConnectionError("the primary went away")
         return int(real_delete(*keys))
 
-    session._rq.connection.delete = failover
+    monkeypatch.setattr(session.rq_worker.connection, "delete", failover)
     with pytest.raises(StoreUnavailable):
         session.maintain()
     ttl = redis.Redis.from_url(redis_url).ttl(queue.registry_cleaning_key)

@@ -142,3 +142,26 @@ def test_up_refuses_a_busy_port(tiny_checkpoint: Path, tmp_path: Path) -> None:
                    str(tmp_path / "redis"))
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_the_lease_setting_reaches_the_worker_and_the_flag_overrides_it(monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from service import stack
+
+    parser = argparse.ArgumentParser()
+    stack.configure_parser(parser)
+
+    def worker_lease(*argv: str) -> str:
+        args = parser.parse_args(list(argv))
+        up = stack._stack_from_args(args, stack._settings(args))
+        worker = up.worker_argv(1)
+        return worker[worker.index("--lease-seconds") + 1]
+
+    assert worker_lease() == "15"
+    monkeypatch.setenv("DDPM_WORKER_LEASE_SECONDS", "7")
+    assert worker_lease() == "7"
+    assert worker_lease("--lease-seconds", "4") == "4"
+    assert stack.main(parser.parse_args(["--lease-seconds", "1"])) == 2  # refused before anything starts
+    assert "worker_lease_seconds" in capsys.readouterr().err

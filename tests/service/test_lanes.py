@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 
-import torch
-from PIL import Image
-
-from service.previews import Lanes, encode_frame, encode_images
+from service.lanes import Lanes
 
 
 def test_a_jobs_tasks_run_in_submission_order_while_jobs_run_in_parallel() -> None:
@@ -48,11 +44,3 @@ def test_drain_of_an_unknown_lane_returns_at_once() -> None:
     start = time.monotonic()
     assert lanes.drain("nothing", timeout=5) and time.monotonic() - start < 1
     lanes.close()
-
-
-def test_frames_are_grids_and_final_images_one_png_each() -> None:
-    x = torch.linspace(-1, 1, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
-    assert Image.open(io.BytesIO(encode_frame(x))).size == (22, 22)  # 2x2 grid, 2-pixel padding
-    assert Image.open(io.BytesIO(encode_frame(x[:1]))).size == (8, 8)
-    pngs = encode_images(x)
-    assert len(pngs) == 4 and all(Image.open(io.BytesIO(p)).size == (8, 8) for p in pngs)

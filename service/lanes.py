@@ -1,10 +1,10 @@
-"""Work done off the denoising thread: PNG encoding of frames and final images, and per-job ordered writes.
+"""Lanes: a small thread pool that runs one job's tasks strictly in order and different jobs' in parallel.
 
-``Lanes`` runs small tasks on a thread pool while keeping the tasks of one job strictly in submission order (a
-job's frames are stored in order and its terminal state is written after its last frame), and tasks of
-different jobs in parallel. The denoising loop only submits; it never waits for an encoder or for Redis.
+The worker's denoising loop hands every slow or blocking task of a job to the job's lane and never waits for it:
+PNG encoding, frame writes, the terminal write and RQ's bookkeeping (``service.store_sink`` submits them). One
+lane per job keeps its frames in order and its terminal state after its last frame.
 
-This module knows tensors and PNG bytes; it does not know Redis, RQ or the sampler.
+This module knows threads only: not tensors, PNG, Redis or RQ.
 """
 
 from __future__ import annotations
@@ -15,24 +15,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
-from model.images import png_bytes
-
-__all__ = ["Lanes", "encode_frame", "encode_images"]
+__all__ = ["Lanes"]
 
 log = logging.getLogger(__name__)
-
-
-def encode_frame(x0_hat: torch.Tensor) -> bytes:
-    """One preview frame: the x0-hat of all of a job's images (B, C, H, W) in [-1, 1], a grid when B > 1."""
-    return png_bytes(x0_hat.detach().cpu())
-
-
-def encode_images(images: torch.Tensor) -> list[bytes]:
-    """Final images (B, C, H, W) in [-1, 1] -> one PNG each."""
-    images = images.detach().cpu()
-    return [png_bytes(images[i]) for i in range(images.shape[0])]
 
 
 class Lanes:
@@ -43,7 +28,7 @@ class Lanes:
     """
 
     def __init__(self, threads: int = 2, on_error: Callable[[BaseException], None] | None = None):
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="previews")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lanes")
         self._lock = threading.Lock()
         self._queues: dict[str, deque[Callable[[], object]]] = {}
         self._idle: dict[str, threading.Event] = {}
