@@ -1,6 +1,8 @@
 """The checkpoints the API serves, read as metadata only (no weights, no torch), and how many live workers serve
-each. ``service.api`` keeps one ``ModelCatalog`` per app; the job-creating routes resolve requests against it.
-This module knows checkpoint metadata and the job store's worker heartbeats; it defines no routes.
+each. Each app keeps one ``ModelCatalog`` (``service.app_state``); the job-creating routes resolve requests
+against it. A worker is live while its last heartbeat is younger than ``DDPM_WORKER_LEASE_SECONDS``, the one
+window the worker's heartbeat and job lease use too. This module knows checkpoint metadata and the job store's
+worker heartbeats; it defines no routes.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ from model.checkpoint_meta import CheckpointError, read_metadata
 from service.queue import JobStore
 from service.schemas import ModelInfo
 
-__all__ = ["WORKER_MAX_AGE_SECONDS", "ModelCatalog", "live_workers_per_model"]
+__all__ = ["ModelCatalog"]
 
 log = logging.getLogger(__name__)
-WORKER_MAX_AGE_SECONDS = 15.0  # a worker whose heartbeat is older is not counted as live
 
 
 class ModelCatalog:
     """Metadata of the configured checkpoints, read without loading weights. A file that cannot be read yet
-    (e.g. still being trained) is retried on each look-up, so it becomes available without a restart."""
+    (e.g. still being trained) is retried on each look-up, so it becomes available without a restart. A worker
+    counts as live for ``worker_window_seconds`` after its last heartbeat (``settings.worker_lease_seconds``)."""
 
-    def __init__(self, checkpoints: dict[str, str]):
+    def __init__(self, checkpoints: dict[str, str], worker_window_seconds: float):
         self.files = dict(checkpoints)
+        self.worker_window_seconds = worker_window_seconds
         self.default = next(iter(self.files))
         self._meta: dict[str, dict[str, Any]] = {}
         self._errors: dict[str, str] = {}
@@ -62,11 +65,11 @@ class ModelCatalog:
                                  dataset=meta["dataset"], metadata=meta))
         return out
 
-
-def live_workers_per_model(store: JobStore, models: list[str]) -> dict[str, int]:
-    """How many workers with a recent heartbeat serve each of ``models`` (raises ``StoreUnavailable``)."""
-    counts = dict.fromkeys(models, 0)
-    for worker in store.live_workers(WORKER_MAX_AGE_SECONDS):
-        for model in set(worker.get("models") or []) & counts.keys():
-            counts[model] += 1
-    return counts
+    def live_workers(self, store: JobStore, models: list[str] | None = None) -> dict[str, int]:
+        """How many live workers serve each of ``models`` (default: every configured one); raises
+        ``StoreUnavailable``."""
+        counts = dict.fromkeys(self.files if models is None else models, 0)
+        for worker in store.live_workers(self.worker_window_seconds):
+            for model in set(worker.get("models") or []) & counts.keys():
+                counts[model] += 1
+        return counts

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("model.sample_cli", "sample images or a progressive x0-hat strip from a checkpoint"),
     "eval": ("model.evaluate", "bits/dim and sample-quality figures of a checkpoint"),
     "import-diffusers": ("model.convert", "convert a diffusers-format DDPM folder into a checkpoint"),
-    "serve": ("service.api", "run the HTTP API"),
+    "serve": ("service.serve", "run the HTTP API"),
     "worker": ("service.worker", "run a generation worker (keeps the U-Net loaded)"),
     "up": ("service.stack", "run the whole stack locally: Redis, a worker and the API"),
     "webhooks": ("service.webhooks.process", "deliver webhooks (every worker does too); --new-secret makes a "

@@ -16,8 +16,9 @@ is found and replayed, never duplicated). Still pending after the wait: 409 ``id
 ``Retry-After``.
 
 A route takes the ``Idempotency`` dependency and hands ``run`` two callables: ``create(job_id)`` and
-``existing(job_id)`` (the response for a job that exists, else None). This module knows Redis and FastAPI's
-request objects; it does not know what a job holds.
+``existing(job_id)`` (the response for a job that exists, else None). Redis errors become the job store's
+(``service.store_errors.translate_errors``: 503 ``store_unavailable`` or ``store_full``). This module knows Redis
+and FastAPI's request objects; it does not know what a job holds.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Annotated, Any, TypeVar
 
-import redis
 from fastapi import Depends, Header, Request, Response
 from pydantic import BaseModel
 
+from service.deps import Store
 from service.queue import StoreUnavailable, new_job_id
+from service.store_errors import translate_errors
 from service.web import ApiError, client_id
 
 __all__ = ["HEADER", "REPLAYED_HEADER", "Idempotency", "IdempotentCreation", "fingerprint", "idempotency"]
@@ -69,14 +71,6 @@ def fingerprint(route: str, body: BaseModel) -> str:
     return hashlib.sha256(f"{route}\n{canonical}".encode()).hexdigest()
 
 
-@contextmanager
-def _translate_errors() -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailable(str(exc)) from exc
-
-
 class IdempotentCreation:
     """One request's idempotency: ``key`` None means the request carries no key (every call creates)."""
 
@@ -95,7 +89,7 @@ class IdempotentCreation:
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
             mine = {"fp": fp, "job": new_job_id(), "state": "pending", "at": time.time()}
-            with _translate_errors():
+            with translate_errors():
                 current = self._claim(keys=[self.record_key], args=[json.dumps(mine), self.ttl])
             if current is None:
                 return self._create(mine, create)
@@ -131,18 +125,17 @@ class IdempotentCreation:
         return result
 
     def _replace(self, job_id: str, record: dict[str, Any] | None) -> bool:
-        with _translate_errors():
+        with translate_errors():
             return bool(self._swap(keys=[self.record_key], args=[job_id, "" if record is None else json.dumps(record)]))
 
 
-def idempotency(request: Request, response: Response,
+def idempotency(request: Request, response: Response, store: Store,
                 key: Annotated[str | None, Header(
                     alias=HEADER, min_length=1, max_length=255, pattern=r"^[\x21-\x7e][\x20-\x7e]*$",
                     description="any unique string (e.g. a UUID): a retry with the same key and body returns the "
                                 "job the first request created (200, Idempotent-Replayed: true) instead of a new "
                                 "one; the same key with another body is 422")] = None) -> IdempotentCreation:
     """The dependency: this request's ``IdempotentCreation`` (scoped to ``client_id``, kept for the job TTL)."""
-    store = request.app.state.store
     return IdempotentCreation(store.redis, client_id(request), key, store.ttl,
                               f"{request.method} {request.url.path}", response)
 

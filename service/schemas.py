@@ -31,6 +31,7 @@ __all__ = [
     "InterpolateRequest",
     "JobKind",
     "JobRequest",
+    "JobStatus",
     "JobView",
     "LikelihoodRequest",
     "LikelihoodResult",
@@ -48,6 +49,8 @@ __all__ = [
 MAX_SEED = 2**31 - 1
 Sampler = SamplerName
 Variance = VarianceType
+# A job's state as the API shows it: the values of service.queue.JobState, written out because this module must
+# not import the Redis side (tests/service/test_schemas.py holds the two equal).
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 JobKind = Literal["generate", "interpolate", "likelihood"]  # the route that made the job
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)

@@ -1,12 +1,15 @@
 """Service configuration: the only place environment variables are read (pydantic-settings, prefix ``DDPM_``).
 
 Every field is settable as ``DDPM_<FIELD>`` (e.g. ``DDPM_REDIS_URL``); the CLI flags of ``ddpm serve``,
-``ddpm worker`` and ``ddpm up`` override them. Use ``get_settings()`` (cached), never module-level reads.
+``ddpm worker`` and ``ddpm up`` override them, each command naming its flags' fields in one table
+(``settings_from_args(args, {flag: field})``). Use ``get_settings()`` (cached), never module-level reads.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,7 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DEMO_CHECKPOINT", "MAKE_A_KEY", "LogLevel", "Settings", "check_api_keys", "describe_validation_error",
-           "get_settings", "log_level", "parse_checkpoints"]
+           "get_settings", "log_level", "parse_checkpoints", "settings_from_args"]
 
 # The bundled demo model (trained by `ddpm train --preset digits`, see docs/TRAINING.md), served by default.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "digits.safetensors"
@@ -243,3 +246,15 @@ def log_level() -> LogLevel:
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_from_args(args: argparse.Namespace, flags: Mapping[str, str]) -> Settings:
+    """Settings from the environment with the command-line flags that were given on top (flags win). ``flags``
+    maps each flag's ``argparse`` destination to the field it sets (``{"metrics_port": "worker_metrics_port"}``);
+    a flag left at ``None`` was not given. Values go through the fields' own validation (``--checkpoint`` given
+    twice is a list of ``NAME=FILE``). Raises ``ValidationError``."""
+    unknown = sorted(set(flags.values()) - set(Settings.model_fields))
+    if unknown:  # a mistake in a command's table, not in what the user typed
+        raise ValueError(f"flags name {unknown}, which are not settings")
+    overrides = {field: value for flag, field in flags.items() if (value := getattr(args, flag, None)) is not None}
+    return Settings(**overrides)

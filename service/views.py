@@ -17,11 +17,11 @@ from service.webhooks.outbox import webhook_view
 __all__ = ["job_view"]
 
 
-def _iso(ts: float | None) -> datetime | None:
+def _utc(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
-def _b64(png: bytes | None) -> str | None:
+def _base64_png(png: bytes | None) -> str | None:
     return None if png is None else base64.b64encode(png).decode()
 
 
@@ -36,7 +36,7 @@ def job_view(store: JobStore, job: dict[str, Any], since: int = -1, inline: bool
     PNG data with ``inline``; a likelihood job has none, its ``result`` instead) and its webhook deliveries."""
     job_id, status = job["id"], JobState(job["status"])
     frames = [FrameView(index=f["index"], step=f["step"], t=f["t"], url=f"/jobs/{job_id}/frames/{f['index']}.png",
-                        data=_b64(store.frame_png(job_id, f["index"])) if inline else None)
+                        data=_base64_png(store.frame_png(job_id, f["index"])) if inline else None)
               for f in store.frames(job_id, since)]
     images, result = [], None
     if status is JobState.SUCCEEDED and job["kind"] == "likelihood":
@@ -45,7 +45,7 @@ def job_view(store: JobStore, job: dict[str, Any], since: int = -1, inline: bool
     elif status is JobState.SUCCEEDED:
         seeds = job["seeds"] or [None] * job["num_images"]
         images = [ImageView(index=i, seed=seeds[i], url=f"/jobs/{job_id}/images/{i}.png",
-                            data=_b64(store.image_png(job_id, i)) if inline else None)
+                            data=_base64_png(store.image_png(job_id, i)) if inline else None)
                   for i in range(job["num_images"])]
     webhook = webhook_view(store.redis, job_id)
     return JobView(
@@ -54,5 +54,5 @@ def job_view(store: JobStore, job: dict[str, Any], since: int = -1, inline: bool
         queue_position=_queue_position(store, job_id) if status is JobState.QUEUED else None,
         frames=frames, images=images, result=result, error=job["error"],
         cancel_requested=status is JobState.RUNNING and store.cancel_requested(job_id), attempt=job["attempt"],
-        created_at=_iso(job["created_at"]), started_at=_iso(job["started_at"]), ended_at=_iso(job["ended_at"]),
+        created_at=_utc(job["created_at"]), started_at=_utc(job["started_at"]), ended_at=_utc(job["ended_at"]),
         webhook=None if webhook is None else WebhookView.model_validate(webhook))

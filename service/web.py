@@ -1,18 +1,28 @@
-"""HTTP plumbing of the API: the one error shape and its handlers, who the client is (address, API key, the
-jobs it may see), the per-client limits, the body-size limit and the request metrics middleware. ``service.api``
-wires these into the app; this module knows no routes and no Redis keys (it maps ``StoreUnavailable``/``StoreFull``
-and ``QueueFull`` from ``service.queue`` to 503 and 429).
+"""HTTP plumbing of the API: the one error shape and its handlers, who the client is (its address and the id
+every per-client limit counts under), the body-size limit and the request metrics middleware. ``service.api``
+wires these into the app; the dependencies that check keys and limits per request are ``service.deps``'. This
+module knows no routes and no Redis keys; it maps the store's and the queue's exceptions to HTTP.
 
-    ApiError(status, code, message)  -> {"error": {"code", "message"}} with that status
-    RequestValidationError, RequestInvalid -> 422 invalid_request (the field and its allowed range or values)
-    ImageTooLarge                    -> 413 image_too_large (an input picture with too many pixels)
-    StarletteHTTPException           -> its status (404 unknown route, 405 with every allowed method, 400 unreadable
-                                        body)
-    StoreUnavailable -> 503 store_unavailable (Retry-After 2)    QueueFull -> 429 queue_full (Retry-After)
-    StoreFull        -> 503 store_full (Retry-After 30)
-    any other redis.RedisError that escaped the store           -> 503 store_unavailable, never a 500
-    rate_limit (per client and minute, counted in Redis) -> 429 rate_limited (Retry-After)
-    require_key: no key 401, wrong key 403; too many of both from one address in a minute -> 429 rate_limited
+Every error is ``{"error": {"code", "message"}}`` with its status; who raises each code:
+
+    400 bad_request        a body that cannot be read (Starlette)
+    401 unauthorized       no API key while keys are on (``deps.require_key``; WWW-Authenticate: Bearer)
+    403 forbidden          a wrong API key (``deps.require_key``)
+    404 not_found          an unknown route, an unknown or expired job, another key's job, no such frame or image
+    405 method_not_allowed with ``Allow`` listing every method of the path
+    408 request_timeout    headers or body not received in time (``service.http_server``)
+    409 idempotency_in_progress  (``service.idempotency``; Retry-After)
+    410 expired            a PNG (or a frame of an animation) outlived by its job
+    413 body_too_large     over DDPM_MAX_BODY_BYTES / DDPM_MAX_UPLOAD_BYTES (``BodyLimitMiddleware``)
+        image_too_large    an input picture over DDPM_MAX_INPUT_PIXELS (``ImageTooLarge``)
+    422 invalid_request    ``RequestValidationError`` or ``RequestInvalid``: the field and its allowed range or values
+    429 queue_full         ``QueueFull``: too many jobs waiting (Retry-After)
+        rate_limited       over DDPM_RATE_LIMIT_PER_MINUTE, or too many refused keys from one address
+                           (``deps.rate_limit``, ``deps.require_key``; Retry-After)
+        too_many_streams   over DDPM_MAX_SSE_PER_CLIENT event streams (``service.sse``; Retry-After)
+    503 store_unavailable  ``StoreUnavailable``, and any ``redis.RedisError`` that escaped the store (Retry-After 2)
+        store_full         ``StoreFull``: Redis near its maxmemory, no new jobs (Retry-After 30)
+        model_unavailable  the chosen model's checkpoint cannot be read yet (``service.routes.operations``)
 
 Who the client is, for every per-client limit, comes from ``client_id``: the API key's digest once the key was
 accepted, else the client's address. The address is the connection's peer, or, when the peer is a proxy listed
@@ -22,19 +32,15 @@ in ``DDPM_TRUSTED_PROXIES``, the right-most address of ``X-Forwarded-For`` that 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import redis
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -45,10 +51,9 @@ from service.openapi import error_responses
 from service.queue import QueueFull, StoreUnavailable, store_error
 from service.schemas import INPUT_TAGS, Limits, RequestInvalid
 
-__all__ = ["HTTP_METHODS", "OPEN", "ApiError", "ApiKeys", "BodyLimitMiddleware", "Caller", "ClientAddressMiddleware",
-           "MetricsMiddleware", "RefusedKeys", "TrustedProxies", "allowed_methods", "caller", "client_address",
-           "client_id", "error_response", "install_error_handlers", "rate_limit", "request_labels", "require_key",
-           "responses"]
+__all__ = ["HTTP_METHODS", "ApiError", "BodyLimitMiddleware", "ClientAddressMiddleware", "MetricsMiddleware",
+           "TrustedProxies", "allowed_methods", "client_address", "client_id", "error_response",
+           "install_error_handlers", "request_labels", "responses"]
 
 log = logging.getLogger(__name__)
 _STORE_MESSAGES = {
@@ -56,8 +61,10 @@ _STORE_MESSAGES = {
                          "retry shortly",
     "store_full": "the job store (Redis) is full: no new jobs until finished ones expire; retry later",
 }
+# The code of an HTTPException raised by Starlette or FastAPI themselves (an unknown route, a body that cannot be
+# read...); this API's own errors carry their code (the table above).
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          408: "request_timeout", 410: "expired", 413: "body_too_large", 422: "invalid_request", 429: "queue_full",
+          408: "request_timeout", 410: "expired", 413: "body_too_large", 422: "invalid_request", 429: "rate_limited",
           503: "unavailable"}
 # Methods that get their own label in the request metrics; any other (clients may invent them) is "other".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -157,7 +164,7 @@ class MetricsMiddleware:
 
 
 # ---- who is asking -----------------------------------------------------------------------------------------
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An address as proxies write it in X-Forwarded-For (``1.2.3.4``, ``1.2.3.4:567``, ``::1``, ``[::1]:567``)."""
     text = text.strip()
     if text.startswith("["):
@@ -181,7 +188,7 @@ class TrustedProxies:
         return bool(self.networks)
 
     def trusts(self, host: str) -> bool:
-        ip = _ip(host)
+        ip = _parse_address(host)
         return ip is not None and any(ip in net for net in self.networks)
 
 
@@ -197,7 +204,7 @@ def client_address(scope: Scope, trusted: TrustedProxies) -> str:
             for h in value.decode("latin-1").split(",")]
     client = peer
     for hop in reversed(hops):
-        ip = _ip(hop)
+        ip = _parse_address(hop)
         if ip is None:
             break
         client = str(ip)
@@ -223,144 +230,11 @@ class ClientAddressMiddleware:
 
 def client_id(request: Request) -> str:
     """Who is asking, for every per-client limit (SSE streams, requests per minute, failed keys): the API key's
-    digest prefix once ``require_key`` accepted it, else the client's address."""
+    digest prefix once ``service.deps.require_key`` accepted it, else the client's address."""
     known = getattr(request.state, "client_id", None)
     if known:
         return str(known)
     return "addr-" + (request.client.host if request.client else "unknown")
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Whom a request acts for: ``key`` is its API key's SHA-256 digest (hex; None while keys are off), the
-    owner recorded on the jobs it submits; ``admin`` sees every job."""
-
-    key: str | None
-    admin: bool
-
-    def may_see(self, owner: str | None) -> bool:
-        """A job is seen by the key that created it and by admin keys (every caller while keys are off)."""
-        return self.admin or (owner is not None and owner == self.key)
-
-
-OPEN = Caller(key=None, admin=True)  # keys are off: everything is open
-_NOBODY = Caller(key=None, admin=False)
-
-
-class ApiKeys:
-    """The configured API keys (``DDPM_API_KEYS``) and admin keys (``DDPM_ADMIN_API_KEYS``), kept as SHA-256
-    digests only."""
-
-    def __init__(self, keys: list[str], admin_keys: list[str]):
-        self._digests = [(hashlib.sha256(k.encode()).digest(), False) for k in keys]
-        self._digests += [(hashlib.sha256(k.encode()).digest(), True) for k in admin_keys]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._digests)
-
-    def match(self, given: str) -> Caller | None:
-        """The caller for key ``given``, or None. Compares against every key (``hmac.compare_digest``, no early
-        exit): the time taken does not depend on which key matched."""
-        digest = hashlib.sha256(given.encode()).digest()
-        found: Caller | None = None
-        for known, admin in self._digests:
-            if hmac.compare_digest(digest, known) and found is None:
-                found = Caller(key=digest.hex(), admin=admin)
-        return found
-
-
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (when DDPM_API_KEYS is set)")
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY (alternative)")
-class RefusedKeys:
-    """Requests refused for a missing or wrong key (401/403), per client address and one-minute window: counted
-    in Redis (shared by every API replica); an address that reaches ``budget`` in a window is remembered in this
-    process as blocked until the window ends. So accepted keys cost no extra Redis round-trip, and across N
-    replicas an address gets at most ``budget + N - 1`` answers per minute that tell a right key from a wrong one.
-    Counting fails open while Redis is unreachable (the key is still checked)."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self._blocked: dict[str, float] = {}  # client id -> monotonic end of its blocked window
-
-    def blocked_for(self, who: str) -> int:
-        """Seconds ``who`` stays blocked (0: not blocked)."""
-        until = self._blocked.get(who)
-        if until is None:
-            return 0
-        left = until - time.monotonic()
-        if left <= 0:
-            del self._blocked[who]
-            return 0
-        return max(1, round(left))
-
-    def refused(self, store: Any, who: str) -> None:
-        """Count one refusal of ``who``; block it when it reaches the budget."""
-        try:
-            count, left = store.count_request("authfail-" + who)
-        except StoreUnavailable:
-            return
-        if count >= self.budget:
-            now = time.monotonic()
-            self._blocked = {w: t for w, t in self._blocked.items() if t > now}  # forget finished windows
-            self._blocked[who] = now + left
-
-
-def _refused(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
-             ) -> ApiError:
-    refused: RefusedKeys = request.app.state.refused_keys
-    if refused.budget > 0:
-        refused.refused(request.app.state.store, client_id(request))
-    return ApiError(status, code, message, headers)
-
-
-def require_key(request: Request,
-                bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-                api_key: Annotated[str | None, Depends(_api_key)]) -> None:
-    """When API keys are configured, the request needs one: 401 when none is given, 403 when it is wrong. An
-    address with ``auth_failures_per_minute`` such answers in the current minute gets 429 ``rate_limited`` for
-    every request until the minute ends, whatever key it sends (so guessing learns nothing meanwhile)."""
-    keys: ApiKeys = request.app.state.keys
-    if not keys.enabled:
-        return
-    blocked = request.app.state.refused_keys.blocked_for(client_id(request))
-    if blocked:
-        raise ApiError(429, "rate_limited", "too many requests with a missing or wrong API key from this address; "
-                                            f"retry in {blocked} s", headers={"Retry-After": str(blocked)})
-    given = bearer.credentials if bearer is not None else api_key
-    if not given:
-        raise _refused(request, 401, "unauthorized", "an API key is needed: send 'Authorization: Bearer KEY' or "
-                                                     "'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
-    who = keys.match(given)
-    if who is None:
-        raise _refused(request, 403, "forbidden", "the API key is not valid")
-    request.state.caller = who
-    request.state.client_id = "key-" + (who.key or "")[:16]  # names the key's digest, never the key
-
-
-def caller(request: Request) -> Caller:
-    """Whom the request acts for (set by ``require_key``): ``OPEN`` while keys are off; a route that skipped
-    ``require_key`` while keys are on sees no job."""
-    known = getattr(request.state, "caller", None)
-    if isinstance(known, Caller):
-        return known
-    return OPEN if not request.app.state.keys.enabled else _NOBODY
-
-
-def rate_limit(request: Request) -> None:
-    """``settings.rate_limit_per_minute`` requests per client and minute, counted in Redis (shared by every
-    API replica): 429 ``rate_limited`` with Retry-After beyond it. Fails open while Redis is unreachable (the
-    routes that need Redis answer 503 on their own)."""
-    limit = request.app.state.settings.rate_limit_per_minute
-    if limit <= 0:
-        return
-    try:
-        count, retry_after = request.app.state.store.count_request(client_id(request))
-    except StoreUnavailable:
-        return
-    if count > limit:
-        raise ApiError(429, "rate_limited", f"at most {limit} requests per minute per client; retry in "
-                                            f"{retry_after} s", headers={"Retry-After": str(retry_after)})
 
 
 # ---- error handlers ----------------------------------------------------------------------------------------
@@ -389,7 +263,10 @@ def _validation_message(request: Request, exc: RequestValidationError, limits: L
     return "; ".join(parts)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, limits: Limits) -> None:
+    """The handlers that turn every exception the app raises on purpose into the error shape (module docstring);
+    ``limits`` name the allowed ranges in 422 messages."""
+
     async def api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -398,7 +275,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, RequestInvalid):
             return error_response(422, "invalid_request", str(exc))
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_request", _validation_message(request, exc, request.app.state.limits))
+        return error_response(422, "invalid_request", _validation_message(request, exc, limits))
 
     async def too_large(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ImageTooLarge)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from service.settings import Settings
+from service.settings import Settings, settings_from_args
 from tests.deploy import files
 from tests.deploy.files import Container
 
@@ -73,8 +73,12 @@ def effective_settings(monkeypatch: pytest.MonkeyPatch) -> SettingsOf:
         for name, value in container.env.items():
             monkeypatch.setenv(name, value)
         module, args = parse_ddpm(container)
-        from_args = getattr(importlib.import_module(module), "settings_from_args", None)
-        return from_args(args) if from_args else Settings()
+        command = importlib.import_module(module)
+        flags = getattr(command, "SETTINGS_FLAGS", None)  # a command's flag -> setting table
+        if flags is not None:
+            return settings_from_args(args, flags)
+        own = getattr(command, "settings_from_args", None)  # a command that still has its own (issue 12)
+        return own(args) if own is not None and own is not settings_from_args else Settings()
 
     return settings_for
 

@@ -154,12 +154,17 @@ def test_unknown_job_is_404_and_expiry_is_explained(api_server: ApiServer) -> No
         _error(httpx.get(api_server.url + path), 404, "not_found")
     message = _error(httpx.delete(f"{api_server.url}/jobs/{VALID_BUT_UNKNOWN}"), 404, "not_found")
     assert "expired" in message and "404, not 410" in message
-    # A frame whose bytes expired while the job record still exists: 410.
+    # A frame whose bytes expired while the job record still exists: 410 (written by a store whose TTL is 1 s).
     job_id = _submit(api_server, steps=2)
-    store = _store(api_server)
+    store = JobStore(connect(api_server.settings.redis_url), queue_name=api_server.settings.queue_name,
+                     ttl_seconds=1)
     store.start(job_id, "w")
     store.add_frame(job_id, 0, 1, _png(0.1))
-    store.redis.delete(f"ddpm:job:{job_id}:frame:0")
+    deadline = time.monotonic() + 10
+    while store.frame_png(job_id, 0) is not None:
+        assert time.monotonic() < deadline, "the frame never expired"
+        time.sleep(0.1)
+    assert httpx.get(f"{api_server.url}/jobs/{job_id}").json()["status"] == "running"  # the job lives on
     _error(httpx.get(f"{api_server.url}/jobs/{job_id}/frames/0.png"), 410, "expired")
 
 

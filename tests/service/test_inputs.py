@@ -69,11 +69,12 @@ def post(api: ApiServer, route: str, body: dict[str, Any], key: str | None = Non
 
 
 def stored_input(api: ApiServer, job_id: str, k: int = 0) -> Image.Image:
-    client = connect(api.settings.redis_url)
+    """Input picture ``k`` of a job as the worker reads it (``JobStore.inputs``)."""
+    store = JobStore(connect(api.settings.redis_url), queue_name=api.settings.queue_name)
     try:
-        data = client.get(f"ddpm:job:{job_id}:input:{k}")
+        data = store.inputs(job_id, k + 1)[k]
     finally:
-        client.close()
+        store.redis.close()
     assert data is not None
     return Image.open(io.BytesIO(data))
 

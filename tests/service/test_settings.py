@@ -1,8 +1,10 @@
 """Settings that refuse unsafe values at start-up: API keys that are short, placeholders or plainly not random
-are refused with a message that says how to make one, and never repeat the key."""
+are refused with a message that says how to make one, and never repeat the key; checkpoints that are not
+``NAME=FILE``; and command-line flags on top of the environment (``settings_from_args``)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.redis_server import free_port
-from service.settings import MAKE_A_KEY, Settings, describe_validation_error
+from service.settings import MAKE_A_KEY, Settings, describe_validation_error, parse_checkpoints, settings_from_args
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_PLACEHOLDER = "REPLACE-ME-with-a-random-key"  # what k8s/secret.yaml shipped once: still refused if it is deployed
@@ -50,3 +52,63 @@ def test_the_processes_refuse_a_short_key_at_start_up_without_echoing_it(command
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "at least 16" in proc.stderr and MAKE_A_KEY in proc.stderr and "Traceback" not in proc.stderr
     assert "hunter2-short" not in proc.stderr + proc.stdout
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+def test_checkpoints_parse_in_order_the_first_is_the_default() -> None:
+    parsed = parse_checkpoints(" cifar10=/m/c.safetensors , ,digits.v2=d.safetensors,")
+    assert list(parsed.items()) == [("cifar10", "/m/c.safetensors"), ("digits.v2", "d.safetensors")]
+    assert parse_checkpoints(["a_b-1=x=y"]) == {"a_b-1": "x=y"}  # the first '=' splits: paths may hold one
+    assert parse_checkpoints({"z": "1", "a": "2"}) == {"z": "1", "a": "2"}
+    assert Settings(checkpoints="b=2,a=1").default_model == "b"
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("cifar10", "'cifar10' must look like NAME=FILE"),
+    ("=file.safetensors", "must look like NAME=FILE"),
+    ("name=", "'name=' must look like NAME=FILE"),
+    ("  =  ", "must look like NAME=FILE"),
+    ("my model=f", "name 'my model' may hold only letters, digits, '-', '_' and '.'"),
+    ("../x=f", "name '../x' may hold only"),
+    ("a=1,a=2", "name 'a' given twice"),
+])
+def test_checkpoints_that_are_not_name_file_are_refused(value: str, why: str) -> None:
+    with pytest.raises(ValueError, match="checkpoint") as caught:
+        parse_checkpoints(value)
+    assert why in str(caught.value)
+    with pytest.raises(ValidationError) as refused:  # the same words when the setting is read
+        Settings(checkpoints=value)
+    assert why in describe_validation_error(refused.value)
+
+
+def test_at_least_one_checkpoint_is_needed() -> None:
+    for empty in ("", " , ", []):
+        with pytest.raises(ValidationError, match="at least one checkpoint NAME=FILE is needed"):
+            Settings(checkpoints=empty)
+
+
+# ---- flags on top of the environment ------------------------------------------------------------------------
+FLAGS = {"port": "port", "checkpoint": "checkpoints", "metrics_port": "worker_metrics_port"}
+
+
+def test_flags_that_were_given_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DDPM_PORT", "9000")
+    monkeypatch.setenv("DDPM_WORKER_METRICS_PORT", "9300")
+    monkeypatch.setenv("DDPM_REDIS_URL", "redis://env:6379/1")
+    args = argparse.Namespace(port=8100, checkpoint=["a=1.safetensors", "b=2.safetensors"], metrics_port=None)
+    settings = settings_from_args(args, FLAGS)
+    assert settings.port == 8100 and settings.checkpoints == {"a": "1.safetensors", "b": "2.safetensors"}
+    assert settings.worker_metrics_port == 9300  # not given: the environment's
+    assert settings.redis_url == "redis://env:6379/1"  # not a flag of this command
+    assert settings_from_args(argparse.Namespace(), FLAGS).port == 9000  # a flag the parser did not define
+
+
+def test_a_flag_value_is_validated_like_the_variable() -> None:
+    with pytest.raises(ValidationError) as caught:
+        settings_from_args(argparse.Namespace(port=70000), FLAGS)
+    assert describe_validation_error(caught.value).startswith("port: ")
+
+
+def test_a_table_that_names_no_setting_is_a_mistake_in_the_command() -> None:
+    with pytest.raises(ValueError, match=r"flags name \['prot'\], which are not settings"):
+        settings_from_args(argparse.Namespace(port=1), {"port": "prot"})

@@ -1,4 +1,5 @@
-"""Server-Sent Events over real HTTP: order, ids, Last-Event-ID replay, keep-alives, closing after the end."""
+"""Server-Sent Events: the wire format, event ids and stream slots (service.sse) on their own, then over real HTTP:
+order, ids, Last-Event-ID replay, keep-alives, closing after the end."""
 
 from __future__ import annotations
 
@@ -15,10 +16,42 @@ from httpx_sse import connect_sse
 
 from model.images import png_bytes
 from service.queue import JobStore, connect
+from service.schemas import RequestInvalid
+from service.sse import StreamSlots, format_event, parse_event_id
+from service.web import ApiError
 
 from .conftest import ApiServer
 
 
+# ---- service.sse on its own --------------------------------------------------------------------------------
+def test_an_event_is_its_id_its_name_and_one_line_of_json() -> None:
+    text = format_event("17-0", "frame", {"index": 2, "url": "/jobs/x/frames/2.png", "text": "a\nb"})
+    assert text == 'id: 17-0\nevent: frame\ndata: {"index":2,"url":"/jobs/x/frames/2.png","text":"a\\nb"}\n\n'
+
+
+def test_event_ids_are_what_redis_could_have_made() -> None:
+    assert parse_event_id(None, "Last-Event-ID") is None and parse_event_id("", "Last-Event-ID") is None
+    assert parse_event_id("0-0", "x") == "0-0" and parse_event_id(f"{2**64 - 1}-{2**64 - 1}", "x")
+    with pytest.raises(RequestInvalid, match=r"^last_event_id: must be the id of an event"):
+        parse_event_id(f"{2**64}-0", "last_event_id")
+
+
+def test_stream_slots_are_per_client_and_given_back_once() -> None:
+    slots = StreamSlots(limit=2)
+    first, _ = slots.take("key-a"), slots.take("key-a")
+    with pytest.raises(ApiError) as refused:
+        slots.take("key-a")
+    assert (refused.value.status, refused.value.code) == (429, "too_many_streams")
+    assert refused.value.headers == {"Retry-After": "1"}
+    slots.take("addr-1.2.3.4")  # another client has its own slots
+    first()
+    first()  # giving back twice frees one slot, not two
+    slots.take("key-a")
+    with pytest.raises(ApiError):
+        slots.take("key-a")
+
+
+# ---- over HTTP ---------------------------------------------------------------------------------------------
 def _events(lines: list[str]) -> list[dict[str, Any]]:
     """Parse SSE lines into [{id, event, data}] (comments kept as {"comment": ...})."""
     out: list[dict[str, Any]] = []

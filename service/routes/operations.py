@@ -9,21 +9,22 @@ its webhook, fits its input pictures to the model (``service.inputs``: uploads a
 finished jobs), then queues the job once per ``Idempotency-Key`` (``service.idempotency``). The routes are
 sync: FastAPI runs them in its thread pool, so decoding pictures never blocks the event loop. Their bodies may
 carry pictures, so they take ``DDPM_MAX_UPLOAD_BYTES`` (``UPLOAD_ROUTES``); every other route keeps
-``DDPM_MAX_BODY_BYTES``. This module knows the request schemas and the store; errors become HTTP statuses in
-``service.web``.
+``DDPM_MAX_BODY_BYTES``. All three go through ``JobCreation.create``, the one way a job is made. This module
+knows the request schemas and the store; errors become HTTP statuses in ``service.web``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Response
 
 from service import metrics
-from service.deps import Store, Who, visible_job
-from service.idempotency import Idempotency, IdempotentCreation
+from service.auth import Caller
+from service.deps import AppSettings, Catalog, RequestLimits, Store, Webhooks, Who, visible_job
+from service.idempotency import Idempotency
 from service.inputs import FittedInput, InputImages
 from service.openapi import LOCATION
 from service.queue import JobState, JobStore
@@ -34,21 +35,22 @@ from service.schemas import (
     ImageRef,
     InterpolateRequest,
     JobRequest,
+    JobStatus,
     LikelihoodRequest,
     Limits,
     RequestInvalid,
 )
-from service.web import ApiError, Caller, responses
+from service.web import ApiError, responses
 from service.webhooks import requested_subscription
 from service.webhooks.outbox import Outbox
 
-__all__ = ["UPLOAD_ROUTES", "creating"]
+__all__ = ["UPLOAD_ROUTES", "JobCreation", "router"]
 
 UPLOAD_ROUTES = ("/generate", "/interpolate", "/likelihood")
 R = TypeVar("R", bound=JobRequest)
 Resolver = Callable[[R, Limits, dict[str, dict[str, Any]], str], Resolved]
 
-creating = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"])
 _ANSWERS: dict[int | str, dict[str, Any]] = {
     202: {"headers": LOCATION},
     200: {"model": GenerateAccepted, "headers": LOCATION,
@@ -57,9 +59,8 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _accepted(job_id: str, status: str) -> GenerateAccepted:
-    return GenerateAccepted(id=job_id, status=status, status_url=f"/jobs/{job_id}",  # type: ignore[arg-type]
-                            events_url=f"/jobs/{job_id}/events")
+def _accepted(job_id: str, status: JobStatus) -> GenerateAccepted:
+    return GenerateAccepted(id=job_id, status=status, status_url=f"/jobs/{job_id}", events_url=f"/jobs/{job_id}/events")
 
 
 def _reader(store: JobStore, who: Caller) -> Callable[[ImageRef, str], bytes]:
@@ -95,70 +96,76 @@ def _fit(resolved: Resolved, meta: dict[str, Any], limits: Limits, store: JobSto
     return [pictures.one(item, name) for name, item in resolved.inputs]
 
 
-def _create(body: R, resolve: Resolver[R], request: Request, response: Response, store: JobStore, who: Caller,
-            idempotency: IdempotentCreation) -> GenerateAccepted:
-    """The one way a job is made: resolve, check the webhook, fit the pictures, queue (once per key)."""
-    state = request.app.state
-    catalog, settings, limits = state.catalog, state.settings, state.limits
-    models = catalog.available()
-    name = catalog.default if body.model is None else body.model
-    if name in catalog.files and name not in models:
-        raise ApiError(503, "model_unavailable", f"model {name!r} is configured but its checkpoint cannot be "
-                                                 "read by the API yet; see GET /models")
-    resolved = resolve(body, limits, models, catalog.default)
-    hook = requested_subscription(body.webhook, body.webhook_events_filter, state.webhook_policy)
-    fitted = _fit(resolved, models[resolved.model], limits, store, who)
-    if fitted:
-        resolved = resolved.with_sources([f.source for f in fitted])
+class JobCreation:
+    """What making a job takes (FastAPI builds one per request from the app's dependencies); ``create`` is the
+    one way a job is made: resolve, check the webhook, fit the pictures, queue (once per Idempotency-Key)."""
 
-    def create(job_id: str) -> GenerateAccepted:
-        if hook is not None:  # before the job exists: no event of it can be missed
-            Outbox(store.redis).subscribe(job_id, hook.url, hook.events, store.ttl, time.time())
-        try:
-            store.submit(resolved.request, resolved.model, num_images=resolved.num_images,
-                         total_steps=resolved.total_steps, seeds=[resolved.seed] * resolved.num_images,
-                         max_queue_length=settings.max_queue_length, owner=who.key, job_id=job_id,
-                         kind=resolved.kind, inputs=[f.png for f in fitted])
-        except BaseException:
-            if hook is not None:
-                Outbox(store.redis).discard(job_id)
-            raise
-        metrics.JOBS_SUBMITTED.labels(resolved.model, resolved.kind).inc()
-        return _accepted(job_id, "queued")
+    def __init__(self, response: Response, store: Store, who: Who, idempotency: Idempotency, catalog: Catalog,
+                 limits: RequestLimits, settings: AppSettings, webhooks: Webhooks):
+        self.response, self.store, self.who, self.idempotency = response, store, who, idempotency
+        self.catalog, self.limits, self.settings, self.webhooks = catalog, limits, settings, webhooks
 
-    def existing(job_id: str) -> GenerateAccepted | None:
-        job = store.get(job_id)
-        return None if job is None else _accepted(job_id, job["status"])
+    def create(self, body: R, resolve: Resolver[R]) -> GenerateAccepted:
+        store, catalog = self.store, self.catalog
+        models = catalog.available()
+        name = catalog.default if body.model is None else body.model
+        if name in catalog.files and name not in models:
+            raise ApiError(503, "model_unavailable", f"model {name!r} is configured but its checkpoint cannot be "
+                                                     "read by the API yet; see GET /models")
+        resolved = resolve(body, self.limits, models, catalog.default)
+        hook = requested_subscription(body.webhook, body.webhook_events_filter, self.webhooks)
+        fitted = _fit(resolved, models[resolved.model], self.limits, store, self.who)
+        if fitted:
+            resolved = resolved.with_sources([f.source for f in fitted])
 
-    accepted = idempotency.run(body, create, existing)
-    response.headers["Location"] = accepted.status_url
-    return accepted
+        def create(job_id: str) -> GenerateAccepted:
+            if hook is not None:  # before the job exists: no event of it can be missed
+                Outbox(store.redis).subscribe(job_id, hook.url, hook.events, store.ttl, time.time())
+            try:
+                store.submit(resolved.request, resolved.model, num_images=resolved.num_images,
+                             total_steps=resolved.total_steps, seeds=[resolved.seed] * resolved.num_images,
+                             max_queue_length=self.settings.max_queue_length, owner=self.who.key, job_id=job_id,
+                             kind=resolved.kind, inputs=[f.png for f in fitted])
+            except BaseException:
+                if hook is not None:
+                    Outbox(store.redis).discard(job_id)
+                raise
+            metrics.JOBS_SUBMITTED.labels(resolved.model, resolved.kind).inc()
+            return _accepted(job_id, "queued")
+
+        def existing(job_id: str) -> GenerateAccepted | None:
+            job = store.get(job_id)
+            return None if job is None else _accepted(job_id, job["status"])
+
+        accepted = self.idempotency.run(body, create, existing)
+        self.response.headers["Location"] = accepted.status_url
+        return accepted
 
 
-@creating.post("/generate", status_code=202, response_model=GenerateAccepted, response_description="queued",
-               responses=_ANSWERS)
-def generate(body: GenerateRequest, request: Request, response: Response, store: Store, who: Who,
-             idempotency: Idempotency) -> GenerateAccepted:
+Creation = Annotated[JobCreation, Depends()]
+
+
+@router.post("/generate", status_code=202, response_model=GenerateAccepted, response_description="queued",
+             responses=_ANSWERS)
+def generate(body: GenerateRequest, creation: Creation) -> GenerateAccepted:
     """Queue a generation job; poll ``status_url``, stream ``events_url``, or name a ``webhook``. With
     ``init_image`` (and ``start_t``) its images are reconstructions or variations of that picture. With an
     ``Idempotency-Key`` a retried request returns the job the first one created (200) instead of a new one."""
-    return _create(body, resolve_generate, request, response, store, who, idempotency)
+    return creation.create(body, resolve_generate)
 
 
-@creating.post("/interpolate", status_code=202, response_model=GenerateAccepted, response_description="queued",
-               responses=_ANSWERS)
-def interpolate(body: InterpolateRequest, request: Request, response: Response, store: Store, who: Who,
-                idempotency: Idempotency) -> GenerateAccepted:
+@router.post("/interpolate", status_code=202, response_model=GenerateAccepted, response_description="queued",
+             responses=_ANSWERS)
+def interpolate(body: InterpolateRequest, creation: Creation) -> GenerateAccepted:
     """Queue an interpolation job: both pictures are encoded at ``t`` and (1 - lambda) x_t + lambda x'_t is
     decoded for each lambda; the job's images are the interpolants in ``lambdas`` order."""
-    return _create(body, resolve_interpolate, request, response, store, who, idempotency)
+    return creation.create(body, resolve_interpolate)
 
 
-@creating.post("/likelihood", status_code=202, response_model=GenerateAccepted, response_description="queued",
-               responses=_ANSWERS)
-def likelihood(body: LikelihoodRequest, request: Request, response: Response, store: Store, who: Who,
-               idempotency: Idempotency) -> GenerateAccepted:
+@router.post("/likelihood", status_code=202, response_model=GenerateAccepted, response_description="queued",
+             responses=_ANSWERS)
+def likelihood(body: LikelihoodRequest, creation: Creation) -> GenerateAccepted:
     """Queue a likelihood job: the variational bound of each picture in bits/dim, every term, and the
     rate-distortion curve, in the job's ``result`` once it has succeeded. Progress counts the T terms; a frame is
     x0-hat at that t (what a receiver of the progressive code sees)."""
-    return _create(body, resolve_likelihood, request, response, store, who, idempotency)
+    return creation.create(body, resolve_likelihood)
