@@ -17,7 +17,6 @@ statuses they come with are listed in ``service.web``.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import apidocs, openapi, serve
+from service import apidocs, openapi
 from service.app_state import ApiState
 from service.deps import rate_limit, require_key
 from service.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -95,16 +94,3 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
                            expose_headers=["Location", "Retry-After", REPLAYED_HEADER])
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(ClientAddressMiddleware, trusted=TrustedProxies(settings.trusted_proxies))  # outermost
-
-
-# ---- compatibility -----------------------------------------------------------------------------------------
-# service/stack.py (`ddpm up`) still imports these two from here; once it imports them from service.serve and
-# service.settings (issue 12), remove them: they keep FastAPI in `ddpm up`'s imports.
-add_common_flags = serve.add_common_flags
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Deprecated: ``service.settings.settings_from_args(args, service.serve.SETTINGS_FLAGS)``."""
-    from service.settings import settings_from_args as from_args
-
-    return from_args(args, serve.SETTINGS_FLAGS)

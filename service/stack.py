@@ -44,10 +44,10 @@ from typing import IO
 from pydantic import ValidationError
 
 from model.checkpoint_meta import CheckpointError, read_metadata
-from service.api import add_common_flags, settings_from_args
 from service.queue import JobStore, StoreUnavailable, connect
 from service.redis_server import RedisServer, die_with_parent, free_port
-from service.settings import DEMO_CHECKPOINT, Settings, describe_validation_error
+from service.serve import SETTINGS_FLAGS, add_common_flags
+from service.settings import DEMO_CHECKPOINT, Settings, describe_validation_error, settings_from_args
 
 __all__ = ["Stack", "StackError", "configure_parser", "default_data_dir", "main"]
 
@@ -371,12 +371,8 @@ def _stack_from_args(args: argparse.Namespace, settings: Settings) -> Stack:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    """The API's flags on the environment (``settings_from_args``), then ``--lease-seconds`` on top."""
-    settings = settings_from_args(args)
-    if args.lease_seconds is None:
-        return settings
-    given = settings.model_dump(exclude_unset=True)  # only what was set: "set" stays meaningful (metrics port)
-    return Settings.model_validate({**given, "worker_lease_seconds": args.lease_seconds})
+    """The environment with the flags that were given on top: the API's, and ``--lease-seconds``."""
+    return settings_from_args(args, {**SETTINGS_FLAGS, "lease_seconds": "worker_lease_seconds"})
 
 
 def main(args: argparse.Namespace) -> int:

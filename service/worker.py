@@ -60,7 +60,7 @@ from service.engine import Engine, JobRejected, JobSpec, ServedModel, TickStats
 from service.job_state import JobState
 from service.lanes import Lanes
 from service.queue import JobStore, StoreUnavailable, connect
-from service.settings import Settings, describe_validation_error, get_settings, parse_checkpoints
+from service.settings import Settings, describe_validation_error, get_settings, settings_from_args
 from service.store_sink import StoreSink, StoreWriter
 from service.worker_session import WorkerSession
 
@@ -444,22 +444,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="webhook deliveries in flight in this worker, 0: none (env DDPM_WEBHOOK_CONCURRENCY; 8)")
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {}
-    for flag, field in (("redis_url", "redis_url"), ("device", "device"), ("metrics_port", "worker_metrics_port"),
-                        ("max_batch_size", "max_batch_size"), ("precision", "precision"),
-                        ("channels_last", "channels_last"), ("compile", "compile"), ("cuda_graphs", "cuda_graphs"),
-                        ("webhook_concurrency", "webhook_concurrency"), ("lease_seconds", "worker_lease_seconds")):
-        if getattr(args, flag, None) is not None:
-            overrides[field] = getattr(args, flag)
-    if args.checkpoint:
-        overrides["checkpoints"] = parse_checkpoints(args.checkpoint)
-    return Settings(**overrides)  # flags win over the environment
+# flag (argparse destination) -> the setting it overrides (``service.settings.settings_from_args``)
+SETTINGS_FLAGS = {"redis_url": "redis_url", "checkpoint": "checkpoints", "device": "device",
+                  "metrics_port": "worker_metrics_port", "max_batch_size": "max_batch_size", "precision": "precision",
+                  "channels_last": "channels_last", "compile": "compile", "cuda_graphs": "cuda_graphs",
+                  "webhook_concurrency": "webhook_concurrency", "lease_seconds": "worker_lease_seconds"}
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        settings = settings_from_args(args)
+        settings = settings_from_args(args, SETTINGS_FLAGS)
     except ValidationError as exc:
         print(f"ddpm worker: invalid settings: {describe_validation_error(exc)}", file=sys.stderr)
         return 2

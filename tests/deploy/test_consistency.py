@@ -74,11 +74,7 @@ def effective_settings(monkeypatch: pytest.MonkeyPatch) -> SettingsOf:
             monkeypatch.setenv(name, value)
         module, args = parse_ddpm(container)
         command = importlib.import_module(module)
-        flags = getattr(command, "SETTINGS_FLAGS", None)  # a command's flag -> setting table
-        if flags is not None:
-            return settings_from_args(args, flags)
-        own = getattr(command, "settings_from_args", None)  # a command that still has its own (issue 12)
-        return own(args) if own is not None and own is not settings_from_args else Settings()
+        return settings_from_args(args, command.SETTINGS_FLAGS)  # each command: its flag -> setting table
 
     return settings_for
 

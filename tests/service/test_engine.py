@@ -249,7 +249,12 @@ def test_worker_inference_flags_override_env_which_overrides_the_device_default(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from service.worker import configure_parser, inference_options, settings_from_args
+    from service.settings import Settings
+    from service.settings import settings_from_args as from_args
+    from service.worker import SETTINGS_FLAGS, configure_parser, inference_options
+
+    def settings_from_args(args: argparse.Namespace) -> Settings:
+        return from_args(args, SETTINGS_FLAGS)
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)
@@ -289,7 +294,12 @@ def test_one_setting_times_the_workers_liveness(monkeypatch: pytest.MonkeyPatch)
     third), every claimed job's lease and how long a stopping worker's last writes wait for the store."""
     import argparse
 
-    from service.worker import Worker, configure_parser, settings_from_args
+    from service.settings import Settings
+    from service.settings import settings_from_args as from_args
+    from service.worker import SETTINGS_FLAGS, Worker, configure_parser
+
+    def settings_from_args(args: argparse.Namespace) -> Settings:
+        return from_args(args, SETTINGS_FLAGS)
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)

@@ -30,6 +30,7 @@ from model.image_fit import fit_picture
 from model.inference import InferenceOptions
 from model.latents import reconstruct
 from service.engine import ServedModel
+from service.queue import job_key, worker_key
 
 from .conftest import ApiServer, WorkerProcess
 
@@ -80,7 +81,7 @@ def pixels(api: ApiServer, url: str) -> np.ndarray:
 def worker_precision(api: ApiServer) -> str:
     client = redis.Redis.from_url(api.settings.redis_url)
     try:
-        info = json.loads(client.get("ddpm:worker:shared-worker") or b"{}")
+        info = json.loads(client.get(worker_key("shared-worker")) or b"{}")
     finally:
         client.close()
     return str(info["inference"]["precision"])
@@ -285,9 +286,9 @@ def test_animations_of_a_finished_job_are_built_once_and_kept_with_the_job(
     assert Image.open(io.BytesIO(gif.content)).is_animated
     client = redis.Redis.from_url(api.settings.redis_url)
     try:
-        key = f"ddpm:job:{job['id']}:animation:webp"
+        key = job_key(job["id"], "animation", "webp")
         assert client.get(key) == webp.content  # built once, then served from the store
-        assert 0 < client.ttl(key) <= client.ttl(f"ddpm:job:{job['id']}") + 1  # kept as long as the job
+        assert 0 < client.ttl(key) <= client.ttl(job_key(job["id"])) + 1  # kept as long as the job
     finally:
         client.close()
     assert httpx.get(url + ".webp").content == webp.content

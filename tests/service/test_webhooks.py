@@ -48,6 +48,17 @@ class Stack:
     def job(self, job_id: str) -> dict[str, Any]:
         return httpx.get(f"{self.api.url}/jobs/{job_id}").json()  # type: ignore[no-any-return]
 
+    def worker_metrics(self, *samples: str, timeout: float = 10.0) -> str:
+        """The worker's metrics once they show every one of ``samples``: the dispatcher reports each outcome to
+        its worker over a pipe, so the count may trail the delivery record the API shows by a moment."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = httpx.get(f"http://127.0.0.1:{self.worker.metrics_port}/metrics").text
+            if all(s in text for s in samples):
+                return text
+            assert time.monotonic() < deadline, (samples, text)
+            time.sleep(0.05)
+
     def settled(self, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """The job once it ended and none of its deliveries is pending."""
         deadline = time.monotonic() + timeout
@@ -122,8 +133,7 @@ def test_deliveries_are_signed_verified_and_completed_comes_once_the_images_are_
     assert sorted(d["id"] for d in job["webhook"]["deliveries"]) == sorted(ids)
     assert all(d["status"] == "delivered" and d["attempts"] == 1 and d["response_status"] == 200
                for d in job["webhook"]["deliveries"])
-    text = httpx.get(f"http://127.0.0.1:{stack.worker.metrics_port}/metrics").text
-    assert 'ddpm_webhook_deliveries_total{event="completed",outcome="delivered"}' in text
+    stack.worker_metrics('ddpm_webhook_deliveries_total{event="completed",outcome="delivered"}')
     assert not any(s in stack.worker.log() for s in SECRETS)
 
 
@@ -177,9 +187,8 @@ def test_redirects_are_not_followed_other_4xx_give_up_429_waits_for_retry_after(
     assert d["status"] == "delivered" and d["attempts"] == 2
     first, second = stack.receiver.at("/busy")
     assert second.received_at - first.received_at >= 0.95  # Retry-After: 1, not the 0.2 s backoff
-    text = httpx.get(f"http://127.0.0.1:{stack.worker.metrics_port}/metrics").text
-    assert 'ddpm_webhook_deliveries_total{event="completed",outcome="failed"}' in text
-    assert 'ddpm_webhook_delivery_attempts_total{event="completed",result="4xx"}' in text
+    stack.worker_metrics('ddpm_webhook_deliveries_total{event="completed",outcome="failed"}',
+                         'ddpm_webhook_delivery_attempts_total{event="completed",result="4xx"}')
 
 
 @pytest.mark.parametrize("url", [
