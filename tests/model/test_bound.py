@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.bound import BoundChain, Likelihood, curve, likelihood, rd_grid
-from model.config import DiffusionConfig, UNetConfig
+from model.config import DiffusionConfig
 from model.diffusion import GaussianDiffusion
 from model.sampler import Chain, ImageNoise, image_seed, sample_steps
 from model.unet import UNet
@@ -22,16 +22,6 @@ T = 30
 @pytest.fixture
 def diffusion() -> GaussianDiffusion:
     return GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=T))
-
-
-@pytest.fixture
-def random_unet(tiny_unet_config: UNetConfig) -> UNet:
-    unet = UNet(tiny_unet_config).eval()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.normal_(0, 0.1)
-    unet.cache_time_embeddings(T)
-    return unet
 
 
 def on_grid(n: int, seed: int = 0) -> torch.Tensor:

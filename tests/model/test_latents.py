@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from model.config import DiffusionConfig, UNetConfig
+from model.config import DiffusionConfig
 from model.diffusion import GaussianDiffusion
 from model.latents import (
     LATENT_STREAM,
@@ -34,16 +34,6 @@ def diffusion() -> GaussianDiffusion:
 def paper() -> GaussianDiffusion:
     """T = 1000 and the paper's betas: abar_T = 4e-5, so x_T keeps 0.6% of the image."""
     return GaussianDiffusion.from_config(DiffusionConfig())
-
-
-@pytest.fixture
-def random_unet(tiny_unet_config: UNetConfig) -> UNet:
-    unet = UNet(tiny_unet_config).eval()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.normal_(0, 0.1)
-    unet.cache_time_embeddings(1000)
-    return unet
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:

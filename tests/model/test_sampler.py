@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from model.config import DiffusionConfig, UNetConfig
+from model.config import DiffusionConfig
 from model.diffusion import EpsFn, GaussianDiffusion
 from model.inference import pad_lone_image
 from model.sampler import Chain, ImageNoise, respace, sample, sample_steps, spaced_timesteps
@@ -29,17 +29,6 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture
 def diffusion() -> GaussianDiffusion:
     return GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=50))
-
-
-@pytest.fixture
-def random_unet(tiny_unet_config: UNetConfig) -> UNet:
-    """A tiny U-Net with random weights everywhere (a fresh one predicts eps = 0: too easy to be batch-exact)."""
-    unet = UNet(tiny_unet_config).eval()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.normal_(0, 0.1)
-    unet.cache_time_embeddings(50)
-    return unet
 
 
 def point_denoiser(d: GaussianDiffusion, c: torch.Tensor) -> EpsFn:
