@@ -45,7 +45,7 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 WAIT_SECONDS = 10.0  # how long a concurrent retry waits for the first request to create the job
 STALE_SECONDS = 30.0  # a pending record older than this, with no job, belongs to a request that died
 POLL_SECONDS = 0.02
-T = TypeVar("T")
+Answer = TypeVar("Answer")  # what a route answers with: the job created, or the one found again
 
 # KEYS: record. ARGV: new record, ttl. Sets it if there is none; returns the current record otherwise.
 _CLAIM = """
@@ -81,7 +81,7 @@ class IdempotentCreation:
         self._claim = client.register_script(_CLAIM)
         self._swap = client.register_script(_SWAP)
 
-    def run(self, body: BaseModel, create: Callable[[str], T], existing: Callable[[str], T | None]) -> T:
+    def run(self, body: BaseModel, create: Callable[[str], Answer], existing: Callable[[str], Answer | None]) -> Answer:
         """``create(job_id)`` once per key and body; ``existing(job_id)`` for every replay (module docstring)."""
         if self.key is None:
             return create(new_job_id())
@@ -114,7 +114,7 @@ class IdempotentCreation:
                                                                "processed; retry shortly", headers={"Retry-After": "1"})
             time.sleep(POLL_SECONDS)
 
-    def _create(self, mine: dict[str, Any], create: Callable[[str], T]) -> T:
+    def _create(self, mine: dict[str, Any], create: Callable[[str], Answer]) -> Answer:
         try:
             result = create(mine["job"])
         except BaseException:
