@@ -46,3 +46,21 @@ def test_the_tests_named_as_proof_exist(guide: Path) -> None:
         if not re.search(rf"^\s*(async )?def {re.escape(name)}\b", current.read_text(), re.M):
             missing.append(f"{current.relative_to(ROOT)}::{name}")
     assert not missing, f"{guide.relative_to(ROOT)} names tests that do not exist: {missing}"
+
+
+def test_every_markdown_file_the_project_cites_is_in_it() -> None:
+    """A guide or docstring that names a Markdown file names a file of this repository: the project must not
+    lean on documents it does not ship (a reader of a clone cannot open them)."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    shipped = {Path(p).name for p in tracked if p.endswith(".md")}
+    cited: dict[str, set[str]] = {}
+    for path in tracked:
+        if path.endswith((".md", ".py", ".yaml", ".yml", ".toml", ".sh", "Makefile", "Dockerfile")):
+            for name in re.findall(r"\b([\w-]+\.md)\b", (ROOT / path).read_text(errors="replace")):
+                cited.setdefault(name, set()).add(path)
+    foreign = {name: sorted(where) for name, where in cited.items() if name not in shipped}
+    assert not foreign, f"cited but not in the repository: {foreign}"
