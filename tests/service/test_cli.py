@@ -52,9 +52,11 @@ def test_a_bad_log_level_is_refused_with_the_variable_named() -> None:
     assert result.returncode == 2 and "DDPM_LOG_LEVEL" in result.stderr
 
 
-def test_the_serve_flags_come_without_the_web_stack() -> None:
-    # `ddpm up` takes the flags it shares with `ddpm serve` from service.serve: importing it loads no web framework
-    code = ("import sys, service.serve; "
+@pytest.mark.parametrize("module", ["service.serve", "service.stack"])
+def test_the_serve_flags_and_ddpm_up_come_without_the_web_stack(module: str) -> None:
+    # `ddpm up` (service.stack) takes the flags it shares with `ddpm serve` from service.serve and runs the API as
+    # a child process: importing either loads no web framework and no torch
+    code = (f"import sys, {module}; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', 'uvicorn', 'torch'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
