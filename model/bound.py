@@ -40,7 +40,7 @@ import torch
 from model.config import VarianceType
 from model.diffusion import EpsFn, GaussianDiffusion
 from model.latents import check_images
-from model.sampler import ImageNoise, sample_steps, spaced_timesteps
+from model.sampler import ImageNoise, StepCount, sample_steps, spaced_timesteps
 
 __all__ = [
     "BoundChain",
@@ -161,7 +161,7 @@ def curve(result: Likelihood, ts: Sequence[int] | None = None) -> list[RDPoint]:
     return [RDPoint(t, float(rate[t - 1]), float(PIXEL_SCALE * math.sqrt(float(mse[t - 1])))) for t in ts]
 
 
-class BoundChain:
+class BoundChain(StepCount):
     """The full bound of images ``x0`` one term per step (T steps, index T-1 down to 0), driven from outside.
 
     Args:
@@ -191,20 +191,8 @@ class BoundChain:
         self.index = 0
         self.x = self._q_sample()
 
-    @property
-    def total(self) -> int:
-        return len(self.timesteps)
-
-    @property
-    def done(self) -> bool:
-        return self.index >= self.total
-
-    @property
-    def batch_size(self) -> int:
-        return self.x0.shape[0]
-
     def _q_sample(self) -> torch.Tensor:
-        return self.diffusion.q_sample(self.x0, self._t[self.index].expand(self.batch_size), self.noise.draw())
+        return self.diffusion.q_sample(self.x0, self._t[self.index].expand(self.x0.shape[0]), self.noise.draw())
 
     def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_t, t)`` for the network at the current step: x_t ~ q(x_t | x0), t int64 (B,)."""

@@ -168,7 +168,28 @@ class StepDriven(Protocol, Generic[R_co]):
     def step(self, eps: torch.Tensor, *, want_x0: bool = False) -> R_co: ...
 
 
-class Chain:
+class StepCount:
+    """What every step-driven chain counts (``StepDriven``'s ``total``, ``done`` and ``batch_size``): the chain's
+    ``timesteps`` in the order it runs them, ``index`` the steps taken, ``x`` the rows of its current state."""
+
+    timesteps: list[int]
+    index: int
+    x: torch.Tensor
+
+    @property
+    def total(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.total
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+
+class Chain(StepCount):
     """The reverse chain for one batch of images over ``timesteps`` (descending when run).
 
     Args:
@@ -219,18 +240,6 @@ class Chain:
         self._k = torch.arange(len(kept) - 1, -1, -1, dtype=torch.long, device=dev)  # respaced indices
         self.x = noise.draw() if x_T is None else x_T.to(dev)
         self.index = 0
-
-    @property
-    def total(self) -> int:
-        return len(self.timesteps)
-
-    @property
-    def done(self) -> bool:
-        return self.index >= self.total
-
-    @property
-    def batch_size(self) -> int:
-        return self.x.shape[0]
 
     def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_t, t)`` for the network at the current step: t is the original timestep, int64 (B,)."""
