@@ -82,8 +82,9 @@ class StoreSink:
                  writer: StoreWriter | None = None):
         self.store, self.lanes, self.session = store, lanes, session
         self.write = writer or StoreWriter()
-        self._running: dict[str, tuple[str, str, float]] = {}  # job id -> (model, kind, monotonic start)
-        self.outcomes: dict[str, str] = {}  # terminal state per job, for run_job
+        # job id -> (model, kind, monotonic start), for the metrics of its end; the only per-job state kept here,
+        # dropped when the job ends, so a worker that runs for months holds nothing of the jobs it finished
+        self._running: dict[str, tuple[str, str, float]] = {}
 
     def began(self, job_id: str, model: str, kind: str = "generate") -> None:
         self._running[job_id] = (model, kind, time.monotonic())
@@ -94,7 +95,6 @@ class StoreSink:
         metrics.JOB_RUN_DURATION.labels(model, kind, status).observe(time.monotonic() - started)
         if images:
             metrics.IMAGES_GENERATED.labels(model).inc(images)
-        self.outcomes[job_id] = status
 
     def _session(self, call: Callable[[WorkerSession], None], what: str) -> None:
         session = self.session
@@ -160,7 +160,6 @@ class StoreSink:
     def handed_back(self, job_id: str, reason: str) -> None:
         def task() -> None:
             self._running.pop(job_id, None)
-            self.outcomes[job_id] = JobState.QUEUED.value
             self.write(lambda: self.store.requeued(job_id, reason), f"handing job {job_id} back")
             self._session(lambda s: s.hand_back(job_id), f"putting job {job_id} back in the queue")
 

@@ -405,10 +405,11 @@ def run_job(job_id: str) -> dict[str, Any]:
     while not engine.idle:
         engine.tick()
     lanes.close()
-    outcome = sink.outcomes.get(job_id, "failed")
-    if outcome == JobState.FAILED.value:
-        raise RuntimeError((store.get(job_id) or {}).get("error") or "the job failed")
-    return {"status": outcome}
+    job = store.get(job_id) or {}  # its state as users see it: written to the store before lanes.close() returned
+    status = job.get("status") or JobState.FAILED.value
+    if status == JobState.FAILED:
+        raise RuntimeError(job.get("error") or "the job failed")
+    return {"status": status}
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------

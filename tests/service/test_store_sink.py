@@ -86,7 +86,7 @@ def test_frames_then_images_and_succeeded_then_rqs_record(running: tuple[StoreSi
     assert [f["step"] for f in store.frames(job_id)] == [1, 3]
     assert store.image_png(job_id, 1) is not None
     assert [e.event for e in store.events(job_id)][-1] == "succeeded"
-    assert _rq(store).finished_job_registry.get_job_ids() == [job_id] and sink.outcomes[job_id] == "succeeded"
+    assert _rq(store).finished_job_registry.get_job_ids() == [job_id]
 
 
 def test_a_cancel_that_lands_before_the_results_wins(running: tuple[StoreSink, JobStore, str]) -> None:
@@ -96,7 +96,7 @@ def test_a_cancel_that_lands_before_the_results_wins(running: tuple[StoreSink, J
     assert sink.lanes.drain(job_id, timeout=30)
     job = store.get(job_id)
     assert job is not None and job["status"] == "canceled" and store.image_png(job_id, 0) is None
-    assert _rq(store).canceled_job_registry.get_job_ids() == [job_id] and sink.outcomes[job_id] == "canceled"
+    assert _rq(store).canceled_job_registry.get_job_ids() == [job_id]
 
 
 def test_results_of_a_job_that_is_no_longer_ours_are_dropped(running: tuple[StoreSink, JobStore, str]) -> None:
@@ -107,4 +107,16 @@ def test_results_of_a_job_that_is_no_longer_ours_are_dropped(running: tuple[Stor
     job = store.get(job_id)
     assert job is not None and job["status"] == "queued" and store.image_png(job_id, 0) is None
     assert job_id not in sink.session.claims  # type: ignore[union-attr]
-    assert _rq(store).finished_job_registry.get_job_ids() == [] and job_id not in sink.outcomes
+    assert _rq(store).finished_job_registry.get_job_ids() == []
+
+
+def test_the_sink_keeps_nothing_of_a_job_once_it_has_ended(running: tuple[StoreSink, JobStore, str]) -> None:
+    """A worker runs for months: whatever the sink records per job must go when the job ends."""
+    sink, store, job_id = running
+    sink.frame(job_id, 1, 30, torch.zeros(2, 3, 8, 8))
+    sink.succeeded(job_id, torch.zeros(2, 3, 8, 8), StepProgress(job_id, 3, 3, 0))
+    assert sink.lanes.drain(job_id, timeout=30)
+    assert store.get(job_id)["status"] == "succeeded"  # type: ignore[index]
+    held = {name: value for name, value in vars(sink).items()
+            if isinstance(value, (dict, set, list)) and job_id in value}
+    assert not held, f"the sink still holds the ended job in {sorted(held)}"
